@@ -1,0 +1,5 @@
+"""``python -m fiona``."""
+
+from fiona.cli import main
+
+main()

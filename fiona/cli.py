@@ -1,0 +1,186 @@
+"""The ``fiona`` command line.
+
+Exit status: 0 success, 1 the operation failed, 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import yaml
+
+from fiona import __version__
+from fiona.config import FionaConfig, load_config, resolve_config_path
+from fiona.errors import ConfigError
+from fiona.logs import configure_logging
+
+__all__ = ["main"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _config_option(func: F) -> F:
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="FIONA_CONFIG",
+        help="Configuration file (default: $FIONA_CONFIG).",
+    )(func)
+
+
+def _load(config_path: Path | None) -> FionaConfig:
+    try:
+        return load_config(resolve_config_path(config_path))
+    except ConfigError as exc:
+        click.echo(f"configuration error:\n{exc}", err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fiona")
+def main() -> None:
+    """FIONA: DICOM staging router for research imaging."""
+
+
+@main.command()
+@_config_option
+def check(config_path: Path | None) -> None:
+    """Validate the configuration and print the effective values."""
+    config = _load(config_path)
+    click.echo(f"# {config.source}: OK")
+    click.echo(yaml.safe_dump(config.redacted(), sort_keys=False), nl=False)
+
+
+@main.command()
+@_config_option
+@click.option("--grace", default=30.0, show_default=True,
+              help="Seconds to let in-flight associations finish on SIGTERM/SIGINT.")
+def serve(config_path: Path | None, grace: float) -> None:
+    """Run the node in the foreground until SIGTERM or SIGINT."""
+    from fiona.scp.server import Node
+
+    config = _load(config_path)
+    configure_logging(config.logging.level)
+    stop = threading.Event()
+
+    def _on_signal(_signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    node = Node(config)
+    try:
+        node.start()
+    except OSError as exc:
+        click.echo(f"cannot start: {exc}", err=True)
+        node.stop(0)
+        sys.exit(1)
+    while not stop.wait(0.5):
+        pass
+    node.stop(grace)
+
+
+@main.group()
+def db() -> None:
+    """Database maintenance."""
+
+
+@db.command("upgrade")
+@_config_option
+def db_upgrade(config_path: Path | None) -> None:
+    """Apply every pending schema migration."""
+    from fiona.db import current_revision, head_revision, make_engine, upgrade
+
+    config = _load(config_path)
+    engine = make_engine(config.database.url)
+    before = current_revision(engine)
+    upgrade(engine)
+    click.echo(f"database at {head_revision()} (was {before or 'empty'})")
+    engine.dispose()
+
+
+@main.command()
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(config_path: Path | None, as_json: bool) -> None:
+    """Instances, studies by state, quarantine, free disk."""
+    from fiona.db import make_engine, make_sessionmaker, upgrade
+    from fiona.scp.spool import Spool
+    from fiona.status import node_status
+
+    config = _load(config_path)
+    engine = make_engine(config.database.url)
+    upgrade(engine)
+    spool = Spool(config.storage.path, config.storage.min_free_mb)
+    spool.prepare()
+    report = node_status(make_sessionmaker(engine), spool)
+    engine.dispose()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"instances:   {report['instances']} ({report['instance_bytes']} bytes, "
+               f"{report['instances_missing_file']} missing on disk)")
+    click.echo("studies:     " + ", ".join(f"{k} {v}" for k, v in report["studies"].items()))
+    click.echo(f"quarantined: {report['quarantined']}")
+    click.echo(f"free disk:   {report['storage']['free_bytes'] // 2**20} MB "
+               f"(floor {report['storage']['min_free_bytes'] // 2**20} MB)")
+
+
+@main.command()
+@click.argument("host")
+@click.argument("port", type=click.IntRange(1, 65535))
+@click.option("--called-ae", default="ANY-SCP", show_default=True)
+@click.option("--calling-ae", default="FIONA", show_default=True)
+@click.option("--timeout", default=10.0, show_default=True)
+def echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float) -> None:
+    """C-ECHO a peer (PS3.4 A) and print its answer."""
+    from fiona.scu import echo as send_echo
+
+    ok, message = send_echo(host, port, called_ae, calling_ae, timeout)
+    click.echo(message, err=not ok)
+    sys.exit(0 if ok else 1)
+
+
+@main.command("import")
+@_config_option
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--called-ae", default=None, help="Called AE title to record (default: node's).")
+@click.option("--calling-ae", default="IMPORT", show_default=True,
+              help="Calling AE title to record.")
+def import_(config_path: Path | None, folder: Path, called_ae: str | None,
+            calling_ae: str) -> None:
+    """Ingest a folder of DICOM files (DVD, USB stick, legacy export) like C-STORE."""
+    from fiona.scp.importer import import_folder, iter_files
+    from fiona.scp.server import open_node_services
+
+    config = _load(config_path)
+    configure_logging("WARNING", stream=sys.stderr)
+    services = open_node_services(config)
+    total = sum(1 for _ in iter_files(folder))
+    try:
+        with click.progressbar(length=total, label="importing", file=sys.stderr) as bar:
+            report = import_folder(
+                services.ingestor,
+                folder,
+                called_ae_title=called_ae or config.node.ae_title,
+                calling_ae_title=calling_ae,
+                progress=lambda _p: bar.update(1),
+            )
+    finally:
+        services.close()
+    for path, reason in report.skipped:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    for path, reason in report.failed:
+        click.echo(f"FAILED  {path}: {reason}", err=True)
+    counts = ", ".join(f"{k.lower()} {v}" for k, v in sorted(report.outcomes.items()))
+    click.echo(f"import {report.association_id}: {counts or 'nothing'}; "
+               f"skipped {len(report.skipped)} non-DICOM")
+    sys.exit(1 if report.failed else 0)

@@ -1,0 +1,277 @@
+"""Configuration: one YAML file, validated at start-up into a frozen, typed object.
+
+Every error names the file and the key path (``node.port``) and the CLI exits with
+status 2. Relative paths (the storage folder, a SQLite file) resolve against the folder
+that holds the configuration file, so a configuration works from any working directory.
+
+Later stages add their sections (``destinations``, ``routing``, ``requests``) as further
+fields of :class:`FionaConfig`; unknown keys are errors, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from sqlalchemy.engine import make_url
+
+from fiona.errors import ConfigError
+
+__all__ = [
+    "DatabaseConfig",
+    "FionaConfig",
+    "LoggingConfig",
+    "NodeConfig",
+    "ProjectConfig",
+    "StorageConfig",
+    "load_config",
+    "resolve_config_path",
+]
+
+ENV_VAR = "FIONA_CONFIG"
+
+# PS3.5 6.2: AE is 16 characters of the default repertoire, no backslash or control
+# characters; leading/trailing spaces are not significant and a title of spaces is invalid.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(
+            f"{value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)"
+        )
+    return value.strip()
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NodeConfig(_Frozen):
+    """The DICOM node FIONA runs (its SCP)."""
+
+    ae_title: str = "FIONA"
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 11112
+    max_associations: Annotated[int, Field(ge=1, le=1000)] = 20
+    accept_any_called_ae: bool = False
+    """Accept every called AE title (FIONA's historical "promiscuous" mode)."""
+    allowed_calling_ae_titles: tuple[str, ...] = ()
+    """If not empty, only these calling AE titles may associate."""
+    allowed_peers: tuple[str, ...] = ()
+    """If not empty, only peers in these addresses/networks (CIDR) may associate."""
+    maximum_pdu_size: Annotated[int, Field(ge=0)] = 1_048_576
+    """Largest P-DATA PDU FIONA accepts (0 = no limit). Large PDUs cost less CPU."""
+    acse_timeout: Annotated[float, Field(gt=0)] = 30.0
+    dimse_timeout: Annotated[float, Field(gt=0)] = 60.0
+    network_timeout: Annotated[float, Field(gt=0)] = 60.0
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+    @field_validator("allowed_calling_ae_titles")
+    @classmethod
+    def _calling(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_ae_title(v) for v in value)
+
+    @field_validator("allowed_peers")
+    @classmethod
+    def _peers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{item!r} is not an IP address or network: {exc}") from None
+        return value
+
+    def peer_allowed(self, address: str) -> bool:
+        """Return whether a peer address may associate (``allowed_peers``)."""
+        if not self.allowed_peers:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in ipaddress.ip_network(net, strict=False) for net in self.allowed_peers)
+
+
+class StorageConfig(_Frozen):
+    """The spool: original files, quarantine and temporary files, on one filesystem."""
+
+    path: Path = Path("var")
+    min_free_mb: Annotated[int, Field(ge=0)] = 512
+
+
+class DatabaseConfig(_Frozen):
+    """The ledger: SQLite (embedded default) or PostgreSQL."""
+
+    url: str = "sqlite:///var/fiona.db"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        try:
+            url = make_url(value)
+        except Exception as exc:  # noqa: BLE001 - sqlalchemy raises several types here
+            raise ValueError(f"not a database URL: {exc}") from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError("only sqlite:/// and postgresql+psycopg:// URLs are supported")
+        if url.get_backend_name() == "postgresql" and url.get_driver_name() not in ("psycopg",):
+            raise ValueError("use the psycopg 3 driver: postgresql+psycopg://user@host/db")
+        return value
+
+
+class LoggingConfig(_Frozen):
+    """Operator logs: JSON lines on stdout."""
+
+    level: str = "INFO"
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return value
+
+
+class ProjectConfig(_Frozen):
+    """A research project (issue 6 adds routing, profile and destinations)."""
+
+    ae_titles: tuple[str, ...] = ()
+    active: bool = True
+
+    @field_validator("ae_titles")
+    @classmethod
+    def _ae_titles(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_ae_title(v) for v in value)
+
+
+class FionaConfig(_Frozen):
+    """The whole configuration, frozen. Pass it explicitly; there is no global."""
+
+    source: Path = Path("<defaults>")
+    node: NodeConfig = NodeConfig()
+    storage: StorageConfig = StorageConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    logging: LoggingConfig = LoggingConfig()
+    stable_after_seconds: Annotated[float, Field(gt=0, le=86400)] = 15.0
+    projects: dict[str, ProjectConfig] = {}
+
+    @field_validator("projects")
+    @classmethod
+    def _project_names(cls, value: dict[str, ProjectConfig]) -> dict[str, ProjectConfig]:
+        for name in value:
+            if not re.fullmatch(r"[A-Z][A-Z0-9]{2,}", name):
+                raise ValueError(f"project id {name!r} must be capitals/digits, 3+ characters")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_ae_titles(self) -> FionaConfig:
+        seen: dict[str, str] = {self.node.ae_title: "node.ae_title"}
+        for name, project in self.projects.items():
+            for aet in project.ae_titles:
+                if aet in seen:
+                    raise ValueError(
+                        f"AE title {aet!r} of project {name} is already used by {seen[aet]}"
+                    )
+                seen[aet] = f"project {name}"
+        return self
+
+    @property
+    def accepted_called_ae_titles(self) -> frozenset[str]:
+        """Called AE titles the SCP answers to (unless ``accept_any_called_ae``)."""
+        titles = {self.node.ae_title}
+        for project in self.projects.values():
+            titles.update(project.ae_titles)
+        return frozenset(titles)
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration as plain data, the database password masked."""
+        data = self.model_dump(mode="json")
+        url = make_url(self.database.url)
+        if url.password:
+            data["database"]["url"] = url.render_as_string(hide_password=True)
+        return data
+
+
+def resolve_config_path(path: str | os.PathLike[str] | None) -> Path:
+    """Return the configuration path from ``--config`` or ``$FIONA_CONFIG``."""
+    if path is None:
+        path = os.environ.get(ENV_VAR)
+    if not path:
+        raise ConfigError("<command line>", [("", f"no configuration: pass --config or set {ENV_VAR}")])
+    return Path(path)
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    storage = raw.get("storage")
+    if isinstance(storage, dict) and isinstance(storage.get("path"), str):
+        path = Path(storage["path"]).expanduser()
+        storage["path"] = str(path if path.is_absolute() else (base / path).resolve())
+    database = raw.get("database")
+    if isinstance(database, dict) and isinstance(database.get("url"), str):
+        url = database["url"]
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            rest = url[len("sqlite:///") :]
+            if rest and not rest.startswith(":memory:"):
+                database["url"] = "sqlite:///" + str((base / rest).resolve())
+
+
+def load_config(path: str | os.PathLike[str]) -> FionaConfig:
+    """Load and validate a configuration file.
+
+    Raises
+    ------
+    ConfigError
+        Naming the file and every offending key path.
+    """
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(source), [("", f"cannot read: {exc.strerror or exc}")]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(source), [("", f"not valid YAML: {exc}")]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(str(source), [("", "the top level must be a mapping of keys")])
+    if "source" in raw:
+        raise ConfigError(str(source), [("source", "reserved key")])
+    base = source.resolve().parent
+    # Defaults of relative paths resolve against the config folder too.
+    for section, key, default in (
+        ("storage", "path", "var"),
+        ("database", "url", "sqlite:///var/fiona.db"),
+    ):
+        if raw.get(section) is None:
+            raw[section] = {}
+        if isinstance(raw[section], dict):
+            raw[section].setdefault(key, default)
+    _resolve_paths(raw, base)
+    try:
+        return FionaConfig.model_validate({**raw, "source": source.resolve()})
+    except ValidationError as exc:
+        problems = [(_loc(err["loc"]), err["msg"]) for err in exc.errors()]
+        raise ConfigError(str(source), problems) from None

@@ -1,0 +1,219 @@
+"""SQLAlchemy 2 models: the ledger of what FIONA received and what it did.
+
+No patient name, ID or birth date is stored here: header values that later stages need
+are read from the spooled file itself. Schema changes go through Alembic migrations in
+``fiona/db/migrations`` (``fiona db upgrade``).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "Association",
+    "AuditEvent",
+    "AuditEventType",
+    "Base",
+    "Instance",
+    "InstanceState",
+    "QuarantinedFile",
+    "Series",
+    "Study",
+    "StudyState",
+    "UTCDateTime",
+]
+
+UID = String(64)
+AE = String(16)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend (SQLite stores no offset)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored; use UTC-aware ones")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class StudyState(enum.Enum):
+    """Where a study (or series) stands in the receive stage."""
+
+    RECEIVING = "RECEIVING"
+    """Instances arrived within ``stable_after_seconds``."""
+    STABLE = "STABLE"
+    """No instance for ``stable_after_seconds``; later stages may take it."""
+
+
+class InstanceState(enum.Enum):
+    """Where an instance stands; later stages add their states."""
+
+    RECEIVED = "RECEIVED"
+    """Durably on disk and indexed, new for the later stages."""
+
+
+class AuditEventType(enum.Enum):
+    """What happened (issue 7 extends this list and chains the rows)."""
+
+    ASSOCIATION_ACCEPTED = "ASSOCIATION_ACCEPTED"
+    ASSOCIATION_REJECTED = "ASSOCIATION_REJECTED"
+    ASSOCIATION_ENDED = "ASSOCIATION_ENDED"
+    INSTANCE_REPLACED = "INSTANCE_REPLACED"
+    INSTANCE_QUARANTINED = "INSTANCE_QUARANTINED"
+    STORE_REFUSED = "STORE_REFUSED"
+    STUDY_STABLE = "STUDY_STABLE"
+    STUDY_REOPENED = "STUDY_REOPENED"
+    CONFIGURATION_LOADED = "CONFIGURATION_LOADED"
+    SPOOL_RECONCILED = "SPOOL_RECONCILED"
+    FILE_MISSING = "FILE_MISSING"
+    IMPORT_FINISHED = "IMPORT_FINISHED"
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    # Stored as plain strings: adding a member needs no ALTER TYPE on PostgreSQL.
+    return Enum(cls, native_enum=False, length=40, validate_strings=True)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every FIONA table."""
+
+    type_annotation_map = {dict[str, Any]: JSON}
+
+
+class Association(Base):
+    """One DICOM association (or one ``fiona import`` run): who sent, and how much."""
+
+    __tablename__ = "associations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    calling_ae_title: Mapped[str] = mapped_column(AE)
+    called_ae_title: Mapped[str] = mapped_column(AE)
+    peer_address: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    instances_stored: Mapped[int] = mapped_column(Integer, default=0)
+    instances_failed: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Study(Base):
+    """A study as received (original StudyInstanceUID)."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    state: Mapped[StudyState] = mapped_column(_enum(StudyState), index=True)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    stable_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    reopened_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Series(Base):
+    """A series as received; its metadata file is written once it is stable."""
+
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    state: Mapped[StudyState] = mapped_column(_enum(StudyState), index=True)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    stable_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    metadata_written_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Instance(Base):
+    """One SOP instance on disk under ``incoming/``, with how it arrived."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    calling_ae_title: Mapped[str] = mapped_column(AE)
+    called_ae_title: Mapped[str] = mapped_column(AE)
+    peer_address: Mapped[str] = mapped_column(String(64))
+    association_id: Mapped[str] = mapped_column(String(36), index=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    digest: Mapped[str] = mapped_column(String(64))
+    """SHA-256 of the stored file, hex."""
+    path: Mapped[str] = mapped_column(Text)
+    """Relative to the storage folder."""
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    """1 for the first copy; +1 each time different bytes replaced it."""
+    state: Mapped[InstanceState] = mapped_column(_enum(InstanceState), index=True)
+    file_missing: Mapped[bool] = mapped_column(default=False)
+    """Set by restart reconciliation when the row's file is gone."""
+
+
+class QuarantinedFile(Base):
+    """Bytes FIONA could not accept into ``incoming/``, kept with the reason."""
+
+    __tablename__ = "quarantined_files"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    quarantined_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    path: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    status_code: Mapped[int] = mapped_column(Integer)
+    calling_ae_title: Mapped[str] = mapped_column(AE)
+    called_ae_title: Mapped[str] = mapped_column(AE)
+    peer_address: Mapped[str] = mapped_column(String(64))
+    association_id: Mapped[str] = mapped_column(String(36))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(128))
+    sop_class_uid: Mapped[str | None] = mapped_column(String(128))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    digest: Mapped[str] = mapped_column(String(64))
+
+
+class AuditEvent(Base):
+    """An append-only audit row (issue 7 adds the hash chain and the reports)."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_type_time", "event_type", "occurred_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    event_type: Mapped[AuditEventType] = mapped_column(_enum(AuditEventType))
+    actor: Mapped[str] = mapped_column(String(128))
+    project: Mapped[str | None] = mapped_column(String(64))
+    request_id: Mapped[int | None] = mapped_column(Integer)
+    study_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    """Keyed hash of the original StudyInstanceUID, never the UID itself."""
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

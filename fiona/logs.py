@@ -1,0 +1,75 @@
+"""Operator logs: structlog JSON lines on stdout, with a PHI redaction step.
+
+One canonical line per unit of work; context (association id, hashed study key) is bound
+with :mod:`structlog.contextvars`. The redaction processor replaces the value of any key
+that names a patient identifier, so a careless ``log.info(..., patient_name=...)`` can
+never reach the log. Audit rows (the record of truth) live in the database, not here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+__all__ = ["configure_logging", "get_logger", "redact_phi"]
+
+REDACTED = "[redacted]"
+
+# Keys that may carry a patient identifier (DICOM keywords and snake_case spellings).
+_PHI_KEY = re.compile(
+    r"(patient_?(name|id|birth_?date|birth_?name|address|telephone)|"
+    r"other_?patient|mothers?_?birth_?name|birth_?date|issuer_?of_?patient_?id)",
+    re.IGNORECASE,
+)
+
+
+def redact_phi(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """Replace the value of every key that names a patient identifier."""
+    for key in list(event_dict):
+        if _PHI_KEY.search(key):
+            event_dict[key] = REDACTED
+    return event_dict
+
+
+def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Send structlog and stdlib logging (pynetdicom, alembic) as JSON lines to stdout."""
+    stream = stream or sys.stdout
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact_phi,
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # pynetdicom logs every PDU at DEBUG and each request at INFO: keep its warnings only.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    """Return a structlog logger for a module."""
+    return structlog.stdlib.get_logger(name)  # type: ignore[no-any-return]

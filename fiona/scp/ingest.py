@@ -1,0 +1,239 @@
+"""Ingest one received file: the single path shared by C-STORE and ``fiona import``.
+
+``temporary file → header check → fsync → rename → index commit → status``. Every outcome
+is a DICOM status (PS3.4 B.2.3, PS3.7 C) with an explanation for the sender; bytes FIONA
+cannot accept are quarantined, never dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fiona.audit import Clock, audit_event
+from fiona.db.models import AuditEventType, QuarantinedFile
+from fiona.errors import OutOfSpaceError, StorageError
+from fiona.keys import keyed_hash
+from fiona.logs import get_logger
+from fiona.scp.header import HeaderError, InstanceHeader, read_header
+from fiona.scp.index import IndexWriter, InstanceRecord, StoreOutcome
+from fiona.scp.spool import Spool, file_digest, is_valid_uid
+
+__all__ = ["IngestResult", "Ingestor", "ReceiveFacts", "Status"]
+
+log = get_logger(__name__)
+
+# How long a store waits for its index commit before it answers a failure.
+INDEX_TIMEOUT_SECONDS = 60.0
+
+
+class Status:
+    """C-STORE status codes FIONA answers with (PS3.4 Table B.2-1, PS3.7 C)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    CANNOT_UNDERSTAND = 0xC210
+    PROCESSING_FAILURE = 0x0110
+
+
+@dataclass(frozen=True)
+class ReceiveFacts:
+    """Who sent the bytes, over which association (or import run)."""
+
+    calling_ae_title: str
+    called_ae_title: str
+    peer_address: str
+    association_id: str
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """The DICOM status for the sender and what happened."""
+
+    status: int
+    comment: str | None = None
+    outcome: StoreOutcome | None = None
+    header: InstanceHeader | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.SUCCESS
+
+
+class Ingestor:
+    """Takes received files into the spool and the index."""
+
+    def __init__(self, spool: Spool, writer: IndexWriter, node_key: bytes, clock: Clock) -> None:
+        self.spool = spool
+        self.writer = writer
+        self.node_key = node_key
+        self.clock = clock
+
+    def ingest(
+        self,
+        tmp_path: Path,
+        facts: ReceiveFacts,
+        *,
+        fd: int | None = None,
+        expected_sop_instance_uid: str | None = None,
+    ) -> IngestResult:
+        """Store the file at `tmp_path` (on the spool filesystem) durably and index it.
+
+        Never raises: every failure is an :class:`IngestResult` with a failure status.
+        On success `tmp_path` no longer exists; on failure it may still exist and the
+        caller deletes it (its bytes were quarantined if they were the problem).
+        """
+        try:
+            return self._ingest(tmp_path, facts, fd, expected_sop_instance_uid)
+        except OutOfSpaceError as exc:
+            return self._refuse(facts, Status.OUT_OF_RESOURCES, str(exc))
+        except StorageError as exc:
+            return self._refuse(facts, Status.OUT_OF_RESOURCES, str(exc))
+        except Exception as exc:  # noqa: BLE001 - the handler must answer, never raise
+            log.exception("store failed", association_id=facts.association_id)
+            return self._refuse(
+                facts, Status.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}"
+            )
+
+    def _ingest(
+        self,
+        tmp_path: Path,
+        facts: ReceiveFacts,
+        fd: int | None,
+        expected_sop_instance_uid: str | None,
+    ) -> IngestResult:
+        size = os.stat(tmp_path).st_size
+        self.spool.check_space(incoming_bytes=size)
+        try:
+            header = read_header(tmp_path)
+            bad = [
+                name
+                for name, uid in (
+                    ("StudyInstanceUID", header.study_instance_uid),
+                    ("SeriesInstanceUID", header.series_instance_uid),
+                    ("SOPInstanceUID", header.sop_instance_uid),
+                )
+                if not is_valid_uid(uid)
+            ]
+            if bad:
+                raise HeaderError(f"invalid {', '.join(bad)}")
+            if (
+                expected_sop_instance_uid is not None
+                and expected_sop_instance_uid != header.sop_instance_uid
+            ):
+                raise HeaderError("SOPInstanceUID differs from the C-STORE request")
+        except HeaderError as exc:
+            return self._quarantine(tmp_path, facts, str(exc), expected_sop_instance_uid)
+
+        digest, size = file_digest(tmp_path)
+        final = self.spool.instance_path(
+            header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+        )
+        self.spool.commit_file(tmp_path, final, fd=fd)
+        record = InstanceRecord(
+            header=header,
+            calling_ae_title=facts.calling_ae_title,
+            called_ae_title=facts.called_ae_title,
+            peer_address=facts.peer_address,
+            association_id=facts.association_id,
+            received_at=self.clock(),
+            size_bytes=size,
+            digest=digest,
+            path=self.spool.relative(final),
+        )
+        try:
+            outcome = self.writer.index_instance(record).result(timeout=INDEX_TIMEOUT_SECONDS)
+        except Exception as exc:  # noqa: BLE001 - the file stays; restart reconciliation indexes it
+            log.error(
+                "index commit failed; file kept for reconciliation",
+                association_id=facts.association_id,
+                error=type(exc).__name__,
+            )
+            return IngestResult(Status.PROCESSING_FAILURE, "index unavailable, retry later")
+        log.debug(
+            "instance stored",
+            association_id=facts.association_id,
+            outcome=outcome.value,
+            study_key=keyed_hash(self.node_key, header.study_instance_uid),
+            size_bytes=size,
+        )
+        return IngestResult(Status.SUCCESS, None, outcome, header)
+
+    def _quarantine(
+        self,
+        tmp_path: Path,
+        facts: ReceiveFacts,
+        reason: str,
+        sop_instance_uid: str | None,
+    ) -> IngestResult:
+        now = self.clock()
+        digest, size = file_digest(tmp_path)
+        target = self.spool.quarantine_file(
+            tmp_path,
+            reason,
+            now,
+            {
+                "calling_ae_title": facts.calling_ae_title,
+                "called_ae_title": facts.called_ae_title,
+                "peer_address": facts.peer_address,
+                "association_id": facts.association_id,
+                "status": f"0x{Status.CANNOT_UNDERSTAND:04X}",
+            },
+        )
+        row = QuarantinedFile(
+            quarantined_at=now,
+            path=self.spool.relative(target),
+            reason=reason,
+            status_code=Status.CANNOT_UNDERSTAND,
+            calling_ae_title=facts.calling_ae_title,
+            called_ae_title=facts.called_ae_title,
+            peer_address=facts.peer_address,
+            association_id=facts.association_id,
+            sop_instance_uid=sop_instance_uid,
+            sop_class_uid=None,
+            size_bytes=size,
+            digest=digest,
+        )
+        event = audit_event(
+            AuditEventType.INSTANCE_QUARANTINED,
+            actor=facts.calling_ae_title,
+            occurred_at=now,
+            association_id=facts.association_id,
+            peer_address=facts.peer_address,
+            reason=reason,
+            path=self.spool.relative(target),
+        )
+        self.writer.add([row, event]).result(timeout=INDEX_TIMEOUT_SECONDS)
+        log.warning(
+            "instance quarantined",
+            association_id=facts.association_id,
+            reason=reason,
+            path=self.spool.relative(target),
+        )
+        return IngestResult(Status.CANNOT_UNDERSTAND, f"quarantined: {reason}"[:64])
+
+    def _refuse(self, facts: ReceiveFacts, status: int, reason: str) -> IngestResult:
+        log.warning(
+            "store refused",
+            association_id=facts.association_id,
+            status=f"0x{status:04X}",
+            reason=reason,
+        )
+        try:
+            self.writer.add(
+                [
+                    audit_event(
+                        AuditEventType.STORE_REFUSED,
+                        actor=facts.calling_ae_title,
+                        occurred_at=self.clock(),
+                        association_id=facts.association_id,
+                        peer_address=facts.peer_address,
+                        status=status,
+                        reason=reason,
+                    )
+                ]
+            )
+        except Exception:  # noqa: BLE001 - the refusal is answered and logged regardless
+            log.exception("cannot record refusal")
+        return IngestResult(status, reason[:64])

@@ -1,0 +1,133 @@
+"""Restart recovery: make the spool and the index agree again.
+
+Run before the SCP accepts associations:
+
+* temporary files left by transfers that were cut off are removed — their senders never
+  got a success status, so they still hold the data and will send it again;
+* files under ``incoming/`` without an index row (a crash between rename and commit) are
+  indexed, attributed to the pseudo-association ``recovered``;
+* index rows whose file is gone are flagged ``file_missing`` with an audit event.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from fiona.audit import audit_event
+from fiona.db.models import AuditEventType, Instance
+from fiona.logs import get_logger
+from fiona.scp.header import HeaderError, read_header
+from fiona.scp.index import IndexWriter, InstanceRecord
+from fiona.scp.spool import Spool, file_digest
+
+__all__ = ["ReconcileResult", "reconcile"]
+
+log = get_logger(__name__)
+
+RECOVERED = "recovered"
+
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    """Counts of what reconciliation found and did."""
+
+    temporary_removed: int
+    files_indexed: int
+    rows_missing_file: int
+    unreadable: int
+
+
+def reconcile(
+    session_factory: sessionmaker[Session],
+    spool: Spool,
+    writer: IndexWriter,
+    now: datetime,
+) -> ReconcileResult:
+    """Reconcile spool and index (see the module docstring)."""
+    removed = 0
+    for entry in os.scandir(spool.tmp):
+        if entry.is_file():
+            os.unlink(entry.path)
+            removed += 1
+
+    with session_factory() as session:
+        known = dict(
+            session.execute(
+                select(Instance.path, Instance.file_missing)
+            ).tuples().all()
+        )
+    on_disk: set[str] = set()
+    indexed = unreadable = 0
+    for path in spool.incoming.glob("*/*/*.dcm"):
+        relative = spool.relative(path)
+        on_disk.add(relative)
+        if relative in known and not known[relative]:
+            continue
+        try:
+            header = read_header(path)
+        except HeaderError as exc:
+            unreadable += 1
+            log.warning("unreadable file in spool", path=relative, reason=str(exc))
+            continue
+        digest, size = file_digest(path)
+        writer.index_instance(
+            InstanceRecord(
+                header=header,
+                calling_ae_title=RECOVERED,
+                called_ae_title=RECOVERED,
+                peer_address=RECOVERED,
+                association_id=RECOVERED,
+                received_at=now,
+                size_bytes=size,
+                digest=digest,
+                path=relative,
+            )
+        ).result()
+        indexed += 1
+
+    missing = [p for p, flagged in known.items() if p not in on_disk and not flagged]
+    if missing:
+        with session_factory() as session, session.begin():
+            for chunk_start in range(0, len(missing), 500):
+                chunk = missing[chunk_start : chunk_start + 500]
+                session.execute(
+                    update(Instance).where(Instance.path.in_(chunk)).values(file_missing=True)
+                )
+            session.add(
+                audit_event(
+                    AuditEventType.FILE_MISSING,
+                    actor="fiona",
+                    occurred_at=now,
+                    count=len(missing),
+                )
+            )
+    result = ReconcileResult(removed, indexed, len(missing), unreadable)
+    if removed or indexed or missing or unreadable:
+        writer.add(
+            [
+                audit_event(
+                    AuditEventType.SPOOL_RECONCILED,
+                    actor="fiona",
+                    occurred_at=now,
+                    temporary_removed=removed,
+                    files_indexed=indexed,
+                    rows_missing_file=len(missing),
+                    unreadable=unreadable,
+                )
+            ]
+        ).result()
+    log.info(
+        "spool reconciled",
+        temporary_removed=removed,
+        files_indexed=indexed,
+        rows_missing_file=len(missing),
+        unreadable=unreadable,
+    )
+    return result
+
+

@@ -1,0 +1,202 @@
+"""The receiving node: the pynetdicom AE, its start-up and its graceful stop.
+
+Start-up order: spool folders → database migrations → node key → index writer →
+spool/index reconciliation → stability sweeper → listening socket. Stop order (SIGTERM):
+stop accepting, let in-flight associations finish (bounded), final sweep, writer drain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import Verification
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from fiona.audit import Clock, audit_event, utcnow
+from fiona.config import FionaConfig
+from fiona.db import make_engine, make_sessionmaker, upgrade
+from fiona.db.models import AuditEventType
+from fiona.keys import load_node_key
+from fiona.logs import get_logger
+from fiona.scp.handlers import ScpHandlers
+from fiona.scp.index import IndexWriter
+from fiona.scp.ingest import Ingestor
+from fiona.scp.recovery import reconcile
+from fiona.scp.spool import Spool
+from fiona.scp.stability import sweep
+
+__all__ = ["Node", "configure_pynetdicom", "open_node_services"]
+
+log = get_logger(__name__)
+
+
+def configure_pynetdicom(spool: Spool) -> None:
+    """Set pynetdicom's process-wide options FIONA relies on.
+
+    pynetdicom keeps these in module globals; FIONA sets them once per process, here.
+    Chunked receive writes each incoming dataset to a temporary file as it arrives
+    (memory stays flat for 2 GB objects) — in the spool's ``tmp/`` so that the final
+    rename stays on one filesystem. Unrestricted storage accepts every storage SOP class,
+    private and future ones included, with the transfer syntax the sender proposes.
+    """
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    _config.LOG_HANDLER_LEVEL = "none"
+    tempfile.tempdir = str(spool.tmp)
+
+
+@dataclass
+class NodeServices:
+    """The database-facing services shared by ``serve`` and ``import``."""
+
+    config: FionaConfig
+    engine: Engine
+    session_factory: sessionmaker[Session]
+    spool: Spool
+    node_key: bytes
+    writer: IndexWriter
+    ingestor: Ingestor
+    clock: Clock
+
+    def close(self) -> None:
+        self.writer.stop()
+        self.engine.dispose()
+
+
+def open_node_services(config: FionaConfig, clock: Clock = utcnow) -> NodeServices:
+    """Prepare spool and database (migrating it) and start the index writer."""
+    spool = Spool(config.storage.path, config.storage.min_free_mb)
+    spool.prepare()
+    engine = make_engine(config.database.url)
+    upgrade(engine)
+    session_factory = make_sessionmaker(engine)
+    node_key = load_node_key(spool.root)
+    writer = IndexWriter(session_factory, node_key)
+    writer.start()
+    ingestor = Ingestor(spool, writer, node_key, clock)
+    return NodeServices(config, engine, session_factory, spool, node_key, writer, ingestor,
+                        clock)
+
+
+def _config_digest(config: FionaConfig) -> str:
+    try:
+        return hashlib.sha256(config.source.read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
+@dataclass
+class Node:
+    """A running FIONA receiving node."""
+
+    config: FionaConfig
+    clock: Clock = utcnow
+    services: NodeServices | None = None
+    _server: Any = None
+    _scheduler: BackgroundScheduler | None = None
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> None:
+        """Start everything and listen; returns once the port is open."""
+        config = self.config
+        services = open_node_services(config, self.clock)
+        self.services = services
+        configure_pynetdicom(services.spool)
+        services.writer.add(
+            [
+                audit_event(
+                    AuditEventType.CONFIGURATION_LOADED,
+                    actor="fiona",
+                    occurred_at=self.clock(),
+                    source=str(config.source),
+                    sha256=_config_digest(config),
+                )
+            ]
+        ).result()
+        reconcile(services.session_factory, services.spool, services.writer, self.clock())
+        self._sweep()
+        interval = max(0.2, min(1.0, config.stable_after_seconds / 4))
+        self._scheduler = BackgroundScheduler(timezone="UTC")
+        self._scheduler.add_job(
+            self._sweep, "interval", seconds=interval, max_instances=1, coalesce=True,
+            id="stability-sweep",
+        )
+        self._scheduler.start()
+
+        handlers = ScpHandlers(config, services.ingestor, self.clock)
+        ae = AE(ae_title=config.node.ae_title)
+        ae.add_supported_context(Verification)
+        ae.maximum_associations = config.node.max_associations
+        ae.maximum_pdu_size = config.node.maximum_pdu_size
+        ae.acse_timeout = config.node.acse_timeout
+        ae.dimse_timeout = config.node.dimse_timeout
+        ae.network_timeout = config.node.network_timeout
+        ae.require_called_aet = False  # FIONA decides in EVT_REQUESTED (several titles)
+        self._server = ae.start_server(
+            (config.node.host, config.node.port),
+            block=False,
+            evt_handlers=[
+                (evt.EVT_CONN_OPEN, handlers.handle_conn_open),
+                (evt.EVT_REQUESTED, handlers.handle_requested),
+                (evt.EVT_REJECTED, handlers.handle_rejected),
+                (evt.EVT_ACCEPTED, handlers.handle_accepted),
+                (evt.EVT_CONN_CLOSE, handlers.handle_conn_close),
+                (evt.EVT_C_ECHO, handlers.handle_echo),
+                (evt.EVT_C_STORE, handlers.handle_store),
+            ],
+        )
+        log.info(
+            "listening",
+            ae_title=config.node.ae_title,
+            host=config.node.host,
+            port=self._server.server_address[1],
+            storage=str(services.spool.root),
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def _sweep(self) -> None:
+        services = self.services
+        if services is None:
+            return
+        try:
+            sweep(
+                services.session_factory,
+                services.spool,
+                services.node_key,
+                self.clock(),
+                self.config.stable_after_seconds,
+            )
+        except Exception:  # noqa: BLE001 - retried at the next interval
+            log.exception("stability sweep failed")
+
+    def stop(self, grace_seconds: float = 30.0) -> None:
+        """Stop accepting, finish in-flight associations (up to `grace_seconds`), close."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self._server is not None:
+            server = self._server
+            server.shutdown()  # no new associations; running ones continue
+            deadline = time.monotonic() + grace_seconds
+            while server.active_associations and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for assoc in server.active_associations:
+                log.warning("aborting association at shutdown")
+                assoc.abort()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)
+        if self.services is not None:
+            self._sweep()
+            self.services.close()
+        log.info("stopped")

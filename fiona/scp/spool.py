@@ -1,0 +1,199 @@
+"""The spool: durable writes of received bytes, quarantine, free-space checks.
+
+Layout under the storage folder (one filesystem, so that renames are atomic)::
+
+    incoming/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
+    incoming/<StudyInstanceUID>/<SeriesInstanceUID>.json    (series metadata, when stable)
+    quarantine/<YYYYMMDD>/<uuid>.dcm  + <uuid>.json          (bytes we could not accept)
+    tmp/                                                     (files being received)
+
+Durability (the promise behind a C-STORE success): write to a temporary file on the same
+filesystem, fsync it, rename it into place, fsync the folder — only then is the index row
+committed and the success status returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fiona.errors import OutOfSpaceError, StorageError
+
+__all__ = ["Spool", "file_digest", "fsync_dir", "is_valid_uid", "write_json_atomic"]
+
+# PS3.5 9.1: digits and dots, at most 64 characters. Leading zeros occur in the wild and
+# are accepted; anything else could escape the spool folder as a path.
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+_CHUNK = 1 << 20
+
+
+def is_valid_uid(value: object) -> bool:
+    """Return whether `value` is a UID that is safe to use as a file name."""
+    return isinstance(value, str) and len(value) <= 64 and _UID.match(value) is not None
+
+
+def file_digest(path: Path | str) -> tuple[str, int]:
+    """Return the SHA-256 (hex) and size of a file."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a folder so that a rename or a new entry in it survives a power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, content: Any) -> None:
+    """Write JSON next to `path`, fsync, and rename it into place."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(content, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class Spool:
+    """The storage folder and what may be done in it."""
+
+    root: Path
+    min_free_mb: int
+
+    @property
+    def incoming(self) -> Path:
+        return self.root / "incoming"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    def prepare(self) -> None:
+        """Create the folders (idempotent)."""
+        for folder in (self.root, self.incoming, self.quarantine, self.tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def free_bytes(self) -> int:
+        """Free space on the spool filesystem for an unprivileged writer."""
+        stats = os.statvfs(self.root)
+        return stats.f_bavail * stats.f_frsize
+
+    def check_space(self, incoming_bytes: int = 0) -> None:
+        """Raise :class:`OutOfSpaceError` if storing `incoming_bytes` would cross the floor."""
+        floor = self.min_free_mb * 1024 * 1024
+        free = self.free_bytes()
+        if free - incoming_bytes < floor:
+            raise OutOfSpaceError(
+                f"free space {free // (1024 * 1024)} MB is below storage.min_free_mb "
+                f"{self.min_free_mb} MB"
+            )
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Where an instance lives; the UIDs must have passed :func:`is_valid_uid`."""
+        return self.incoming / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def series_metadata_path(self, study_uid: str, series_uid: str) -> Path:
+        return self.incoming / study_uid / f"{series_uid}.json"
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+    def commit_file(self, tmp_path: Path, final: Path, fd: int | None = None) -> None:
+        """Make a received temporary file durable and move it to `final`.
+
+        Parameters
+        ----------
+        tmp_path : Path
+            The temporary file, on the spool filesystem.
+        final : Path
+            Its place under ``incoming/``; an existing file there is replaced atomically.
+        fd : int, optional
+            An open descriptor of `tmp_path` to fsync (saves reopening it).
+        """
+        try:
+            if fd is None:
+                fd_own = os.open(tmp_path, os.O_RDONLY)
+                try:
+                    os.fsync(fd_own)
+                finally:
+                    os.close(fd_own)
+            else:
+                os.fsync(fd)
+            created = self._makedirs(final.parent)
+            os.replace(tmp_path, final)
+            fsync_dir(final.parent)
+            for folder in created:
+                fsync_dir(folder.parent)
+        except OSError as exc:
+            if exc.errno == 28:  # ENOSPC
+                raise OutOfSpaceError(f"disk full while storing: {exc.strerror}") from exc
+            raise StorageError(f"cannot store file: {exc.strerror or exc}") from exc
+
+    def _makedirs(self, folder: Path) -> list[Path]:
+        created: list[Path] = []
+        missing = []
+        probe = folder
+        while not probe.exists():
+            missing.append(probe)
+            probe = probe.parent
+        for item in reversed(missing):
+            try:
+                item.mkdir()
+                created.append(item)
+            except FileExistsError:
+                pass
+        return created
+
+    def quarantine_file(
+        self, source: Path, reason: str, now: datetime, facts: dict[str, Any]
+    ) -> Path:
+        """Move (or copy, across filesystems) bytes into the quarantine with the reason.
+
+        Returns the quarantined file's path. The reason travels in a JSON sidecar so the
+        folder is self-explaining even without the database.
+        """
+        folder = self.quarantine / now.strftime("%Y%m%d")
+        folder.mkdir(parents=True, exist_ok=True)
+        name = uuid.uuid4().hex
+        target = folder / f"{name}.dcm"
+        try:
+            if source.parent == self.tmp:
+                fd = os.open(source, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(source, target)
+            else:
+                shutil.copyfile(source, target)
+            write_json_atomic(
+                folder / f"{name}.json",
+                {"reason": reason, "quarantined_at": now.isoformat(), **facts},
+            )
+        except OSError as exc:
+            raise StorageError(f"cannot quarantine file: {exc.strerror or exc}") from exc
+        return target
