@@ -159,11 +159,12 @@ def import_(config_path: Path | None, folder: Path, called_ae: str | None,
             calling_ae: str) -> None:
     """Ingest a folder of DICOM files (DVD, USB stick, legacy export) like C-STORE."""
     from fiona.scp.importer import import_folder, iter_files
-    from fiona.scp.server import open_node_services
+    from fiona.scp.server import configure_pynetdicom, open_node_services
 
     config = _load(config_path)
     configure_logging("WARNING", stream=sys.stderr)
     services = open_node_services(config)
+    configure_pynetdicom(services.spool)
     total = sum(1 for _ in iter_files(folder))
     try:
         with click.progressbar(length=total, label="importing", file=sys.stderr) as bar:

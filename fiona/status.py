@@ -17,10 +17,10 @@ def node_status(session_factory: sessionmaker[Session], spool: Spool) -> dict[st
     """Counts of instances, studies by state, quarantine and free disk."""
     with session_factory() as session:
         studies = dict(
-            session.execute(select(Study.state, func.count()).group_by(Study.state)).tuples().all()
+            session.execute(select(Study.state, func.count()).group_by(Study.state)).all()
         )
         series = dict(
-            session.execute(select(Series.state, func.count()).group_by(Series.state)).tuples().all()
+            session.execute(select(Series.state, func.count()).group_by(Series.state)).all()
         )
         instances = session.scalar(select(func.count()).select_from(Instance)) or 0
         missing = session.scalar(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+import os
+import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 __all__ = ["HeaderError", "InstanceHeader", "read_header", "read_series_header"]
 
@@ -17,16 +20,9 @@ class HeaderError(ValueError):
     """The file is not a DICOM dataset FIONA can index (the reason is safe to log)."""
 
 
-_INDEX_TAGS = [
-    Tag(kw)
-    for kw in (
-        "SOPClassUID",
-        "SOPInstanceUID",
-        "StudyInstanceUID",
-        "SeriesInstanceUID",
-        "Modality",
-    )
-]
+_PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
+             b"UV"}
 
 # Written to the per-series metadata file (FIONA convention, read by other tools).
 SERIES_KEYWORDS = (
@@ -67,6 +63,38 @@ def _text(value: Any) -> str | None:
     return text or None
 
 
+def _check_pixel_data_complete(fp: BinaryIO, ds: Dataset, file_size: int) -> None:
+    """Raise if the Pixel Data element's declared length runs past the end of the file.
+
+    ``dcmread(stop_before_pixels=True)`` leaves `fp` at the pixel data element's tag;
+    its header is decoded here (PS3.5 7.1) instead of reading the value.
+    """
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    if ts is None or ts == DeflatedExplicitVRLittleEndian:
+        return  # a deflated stream has no file offsets to compare
+    start = fp.tell()
+    head = fp.read(12)
+    if len(head) < 8:
+        return  # no pixel data (or nothing after the header)
+    endian = "<" if ts.is_little_endian else ">"
+    group, element = struct.unpack(endian + "HH", head[:4])
+    if (group, element) not in _PIXEL_TAGS:
+        return
+    if ts.is_implicit_VR:
+        (length,) = struct.unpack(endian + "L", head[4:8])
+        header = 8
+    elif head[4:6] in _LONG_VRS:
+        if len(head) < 12:
+            raise HeaderError("truncated dataset: pixel data header is cut short")
+        (length,) = struct.unpack(endian + "L", head[8:12])
+        header = 12
+    else:
+        (length,) = struct.unpack(endian + "H", head[6:8])
+        header = 8
+    if length != 0xFFFFFFFF and start + header + length > file_size:
+        raise HeaderError("truncated dataset: Pixel Data is shorter than its length")
+
+
 def read_header(path: Path | str) -> InstanceHeader:
     """Read the UIDs and Modality of a DICOM file (Part 10, with file meta).
 
@@ -76,9 +104,11 @@ def read_header(path: Path | str) -> InstanceHeader:
         The file cannot be parsed or lacks a Study/Series/SOP Instance UID.
     """
     try:
-        ds = dcmread(
-            path, stop_before_pixels=True, specific_tags=_INDEX_TAGS, defer_size="256 KB"
-        )
+        with open(path, "rb") as fp:
+            ds = dcmread(fp, stop_before_pixels=True)
+            _check_pixel_data_complete(fp, ds, os.fstat(fp.fileno()).st_size)
+    except HeaderError:
+        raise
     except (InvalidDicomError, EOFError) as exc:
         raise HeaderError(f"not a DICOM dataset: {type(exc).__name__}") from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt data
@@ -116,7 +146,6 @@ def read_series_header(path: Path | str) -> dict[str, Any]:
         path,
         stop_before_pixels=True,
         specific_tags=[Tag(kw) for kw in SERIES_KEYWORDS],
-        defer_size="256 KB",
     )
     out: dict[str, Any] = {}
     for keyword in SERIES_KEYWORDS:

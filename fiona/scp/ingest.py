@@ -233,7 +233,7 @@ class Ingestor:
                         reason=reason,
                     )
                 ]
-            )
+            ).result(timeout=INDEX_TIMEOUT_SECONDS)
         except Exception:  # noqa: BLE001 - the refusal is answered and logged regardless
             log.exception("cannot record refusal")
         return IngestResult(status, reason[:64])

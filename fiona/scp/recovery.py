@@ -59,7 +59,7 @@ def reconcile(
         known = dict(
             session.execute(
                 select(Instance.path, Instance.file_missing)
-            ).tuples().all()
+            ).all()
         )
     on_disk: set[str] = set()
     indexed = unreadable = 0

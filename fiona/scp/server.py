@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom import config as pydicom_config
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy import Engine
@@ -39,14 +40,17 @@ log = get_logger(__name__)
 
 
 def configure_pynetdicom(spool: Spool) -> None:
-    """Set pynetdicom's process-wide options FIONA relies on.
+    """Set pynetdicom's and pydicom's process-wide options FIONA relies on.
 
-    pynetdicom keeps these in module globals; FIONA sets them once per process, here.
+    Both keep these in module globals; FIONA sets them once per process, here.
+    pydicom only warns about values that break their VR's rules (data from the field does):
+    FIONA stores such data as received and reports problems through its own checks.
     Chunked receive writes each incoming dataset to a temporary file as it arrives
     (memory stays flat for 2 GB objects) — in the spool's ``tmp/`` so that the final
     rename stays on one filesystem. Unrestricted storage accepts every storage SOP class,
     private and future ones included, with the transfer syntax the sender proposes.
     """
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     _config.LOG_HANDLER_LEVEL = "none"

@@ -1,0 +1,252 @@
+"""The receive stage against SQLite and PostgreSQL: ingest, duplicates, quarantine,
+stability, restart reconciliation, migrations."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+
+from fiona.db import current_revision, head_revision
+from fiona.db.models import (
+    AuditEvent,
+    AuditEventType,
+    Instance,
+    InstanceState,
+    QuarantinedFile,
+    Series,
+    Study,
+    StudyState,
+)
+from fiona.scp.index import StoreOutcome
+from fiona.scp.ingest import ReceiveFacts, Status
+from fiona.scp.recovery import reconcile
+from fiona.scp.server import NodeServices
+from fiona.scp.spool import Spool
+from fiona.scp.stability import sweep
+from fionatest import make_ct, sample_file
+
+pytestmark = pytest.mark.integration
+
+FACTS = ReceiveFacts("CT01", "FIONA", "127.0.0.1", "assoc-1")
+
+
+def put(services: NodeServices, source: Path | bytes, name: str = "in.dcm") -> Path:
+    """Place bytes in the spool's tmp/ as the SCP's chunked receive would."""
+    tmp = services.spool.tmp / f"{generate_uid()}-{name}"
+    if isinstance(source, bytes):
+        tmp.write_bytes(source)
+    else:
+        shutil.copyfile(source, tmp)
+    return tmp
+
+
+def save(ds, path: Path) -> Path:  # type: ignore[no-untyped-def]
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def count(services: NodeServices, model: type) -> int:
+    with services.session_factory() as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def audit_types(services: NodeServices) -> list[AuditEventType]:
+    with services.session_factory() as session:
+        return list(session.scalars(select(AuditEvent.event_type).order_by(AuditEvent.id)))
+
+
+def test_migrations_reach_head(services: NodeServices) -> None:
+    assert current_revision(services.engine) == head_revision()
+
+
+def test_ingest_stores_exact_bytes_and_indexes(services: NodeServices) -> None:
+    source = sample_file("CT_small.dcm")
+    result = services.ingestor.ingest(put(services, source), FACTS)
+    assert result.status == Status.SUCCESS and result.outcome is StoreOutcome.STORED
+    ds = dcmread(source)
+    stored = services.spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                          ds.SOPInstanceUID)
+    assert stored.read_bytes() == source.read_bytes()
+    with services.session_factory() as session:
+        row = session.scalars(select(Instance)).one()
+        assert row.sop_instance_uid == ds.SOPInstanceUID
+        assert row.sop_class_uid == ds.SOPClassUID
+        assert row.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID
+        assert (row.calling_ae_title, row.called_ae_title, row.peer_address) == (
+            "CT01", "FIONA", "127.0.0.1")
+        assert row.association_id == "assoc-1"
+        assert row.modality == "CT"
+        assert row.size_bytes == source.stat().st_size
+        assert len(row.digest) == 64
+        assert row.state is InstanceState.RECEIVED
+        assert row.received_at.tzinfo is not None
+        study = session.scalars(select(Study)).one()
+        assert study.state is StudyState.RECEIVING and study.instance_count == 1
+
+
+def test_same_instance_twice_is_one_row(services: NodeServices) -> None:
+    source = sample_file("CT_small.dcm")
+    first = services.ingestor.ingest(put(services, source), FACTS)
+    again = services.ingestor.ingest(put(services, source), FACTS)
+    assert first.outcome is StoreOutcome.STORED
+    assert again.status == Status.SUCCESS and again.outcome is StoreOutcome.DUPLICATE
+    assert count(services, Instance) == 1
+    assert not list(services.spool.tmp.iterdir())
+
+
+def test_different_bytes_replace_and_are_recorded(services: NodeServices, tmp_path: Path) -> None:
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    v1 = save(make_ct(study, series, sop_uid=sop, seed=1), tmp_path / "v1.dcm")
+    v2 = save(make_ct(study, series, sop_uid=sop, seed=2), tmp_path / "v2.dcm")
+    assert services.ingestor.ingest(put(services, v1), FACTS).outcome is StoreOutcome.STORED
+    result = services.ingestor.ingest(put(services, v2), FACTS)
+    assert result.outcome is StoreOutcome.REPLACED
+    with services.session_factory() as session:
+        row = session.scalars(select(Instance)).one()
+        assert row.version == 2
+        assert Path(services.spool.root / row.path).read_bytes() == v2.read_bytes()
+    assert AuditEventType.INSTANCE_REPLACED in audit_types(services)
+
+
+@pytest.mark.parametrize(
+    ("make_bytes", "reason"),
+    [
+        (lambda p: b"\x00" * 128 + b"DICM" + b"garbage" * 50, "cannot parse|missing"),
+        (lambda p: p.read_bytes()[: len(p.read_bytes()) - 3000], "truncated"),
+    ],
+    ids=["garbage", "truncated"],
+)
+def test_unparsable_bytes_are_quarantined(services: NodeServices, make_bytes, reason: str) -> None:  # type: ignore[no-untyped-def]
+    payload = make_bytes(sample_file("CT_small.dcm"))
+    result = services.ingestor.ingest(put(services, payload), FACTS)
+    assert result.status == Status.CANNOT_UNDERSTAND
+    assert result.comment is not None and result.comment.startswith("quarantined")
+    assert count(services, Instance) == 0
+    with services.session_factory() as session:
+        row = session.scalars(select(QuarantinedFile)).one()
+        assert re.search(reason, row.reason)
+        kept = services.spool.root / row.path
+        assert kept.read_bytes() == payload  # nothing is lost
+        sidecar = json.loads(kept.with_suffix(".json").read_text())
+        assert sidecar["calling_ae_title"] == "CT01" and sidecar["reason"] == row.reason
+    assert AuditEventType.INSTANCE_QUARANTINED in audit_types(services)
+
+
+@pytest.mark.parametrize("missing", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+def test_missing_uids_are_quarantined(services: NodeServices, tmp_path: Path, missing: str) -> None:
+    ds = make_ct(generate_uid(), generate_uid())
+    delattr(ds, missing)
+    path = tmp_path / "x.dcm"
+    ds.preamble = b"\x00" * 128
+    ds.save_as(path, enforce_file_format=False)
+    result = services.ingestor.ingest(put(services, path), FACTS)
+    assert result.status == Status.CANNOT_UNDERSTAND
+    with services.session_factory() as session:
+        assert missing in session.scalars(select(QuarantinedFile.reason)).one()
+
+
+def test_uid_that_would_escape_the_spool_is_quarantined(services: NodeServices,
+                                                         tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="Invalid value for VR UI"):
+        ds = make_ct("../../../../tmp/evil", generate_uid())
+    path = save(ds, tmp_path / "evil.dcm")
+    result = services.ingestor.ingest(put(services, path), FACTS)
+    assert result.status == Status.CANNOT_UNDERSTAND
+    assert not list(services.spool.incoming.rglob("*.dcm"))
+
+
+def test_command_and_dataset_uid_mismatch_is_quarantined(services: NodeServices) -> None:
+    result = services.ingestor.ingest(
+        put(services, sample_file("CT_small.dcm")), FACTS, expected_sop_instance_uid="1.2.3.4"
+    )
+    assert result.status == Status.CANNOT_UNDERSTAND
+    assert count(services, Instance) == 0
+
+
+def test_out_of_space_answers_a700_and_keeps_nothing_half(services: NodeServices) -> None:
+    full = Spool(services.spool.root, services.spool.free_bytes() // 2**20 + 100)
+    services.ingestor.spool = full
+    result = services.ingestor.ingest(put(services, sample_file("CT_small.dcm")), FACTS)
+    assert result.status == Status.OUT_OF_RESOURCES
+    assert "min_free_mb" in (result.comment or "")
+    assert count(services, Instance) == 0
+    assert not list(services.spool.incoming.rglob("*.dcm"))
+    assert AuditEventType.STORE_REFUSED in audit_types(services)
+
+
+def test_stability_sweep_and_reopen(services: NodeServices, clock, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    study, series = generate_uid(), generate_uid()
+    for i in range(3):
+        path = save(make_ct(study, series, instance_number=i + 1, seed=i), tmp_path / f"{i}.dcm")
+        assert services.ingestor.ingest(put(services, path), FACTS).ok
+    args = (services.session_factory, services.spool, services.node_key)
+    clock.advance(5)
+    assert sweep(*args, clock(), 10).studies_stable == 0  # still within the window
+    clock.advance(6)
+    result = sweep(*args, clock(), 10)
+    assert (result.studies_stable, result.series_stable, result.metadata_written) == (1, 1, 1)
+    metadata = json.loads(services.spool.series_metadata_path(study, series).read_text())
+    assert metadata["NumFiles"] == 3
+    assert metadata["Modality"] == "CT"
+    assert metadata["SeriesInstanceUID"] == series
+    assert metadata["IncomingConnection"] == [
+        {"CallingAETitle": "CT01", "CalledAETitle": "FIONA", "PeerAddress": "127.0.0.1"}]
+    assert metadata["ClassifyType"] == []
+    assert "PatientName" not in metadata and "PatientID" not in metadata
+    assert sweep(*args, clock(), 10).studies_stable == 0  # idempotent
+
+    # A late instance re-opens the study; it is new for the later stages.
+    late = save(make_ct(study, series, instance_number=9, seed=9), tmp_path / "late.dcm")
+    assert services.ingestor.ingest(put(services, late), FACTS).ok
+    with services.session_factory() as session:
+        row = session.scalars(select(Study)).one()
+        assert row.state is StudyState.RECEIVING and row.reopened_count == 1
+        assert session.scalars(select(Series.metadata_written_at)).one() is None
+    clock.advance(11)
+    assert sweep(*args, clock(), 10).metadata_written == 1
+    metadata = json.loads(services.spool.series_metadata_path(study, series).read_text())
+    assert metadata["NumFiles"] == 4
+    types = audit_types(services)
+    assert types.count(AuditEventType.STUDY_STABLE) == 2
+    assert AuditEventType.STUDY_REOPENED in types
+
+
+def test_reconcile_after_a_crash(services: NodeServices, clock, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    study, series = generate_uid(), generate_uid()
+    kept = save(make_ct(study, series, seed=1), tmp_path / "kept.dcm")
+    gone = save(make_ct(study, series, seed=2), tmp_path / "gone.dcm")
+    assert services.ingestor.ingest(put(services, kept), FACTS).ok
+    assert services.ingestor.ingest(put(services, gone), FACTS).ok
+    # Crash traces: an unindexed file (rename done, commit lost), a half-received
+    # temporary file, and a row whose file disappeared.
+    orphan = make_ct(study, series, seed=3)
+    orphan_path = services.spool.instance_path(study, series, orphan.SOPInstanceUID)
+    orphan.save_as(orphan_path, enforce_file_format=True)
+    (services.spool.tmp / "partial.dcm").write_bytes(b"half")
+    gone_ds = dcmread(gone)
+    services.spool.instance_path(study, series, gone_ds.SOPInstanceUID).unlink()
+
+    result = reconcile(services.session_factory, services.spool, services.writer, clock())
+    assert (result.temporary_removed, result.files_indexed, result.rows_missing_file) == (1, 1, 1)
+    assert not list(services.spool.tmp.iterdir())
+    with services.session_factory() as session:
+        rows = {r.sop_instance_uid: r for r in session.scalars(select(Instance))}
+        assert rows[orphan.SOPInstanceUID].calling_ae_title == "recovered"
+        assert rows[gone_ds.SOPInstanceUID].file_missing is True
+        assert session.scalars(select(Study.instance_count)).one() == 3
+    # A second pass finds nothing new.
+    again = reconcile(services.session_factory, services.spool, services.writer, clock())
+    assert (again.temporary_removed, again.files_indexed, again.rows_missing_file) == (0, 0, 0)
+    # Sending the missing instance again restores it.
+    assert services.ingestor.ingest(put(services, gone), FACTS).ok
+    with services.session_factory() as session:
+        row = session.scalars(
+            select(Instance).where(Instance.sop_instance_uid == gone_ds.SOPInstanceUID)).one()
+        assert row.file_missing is False

@@ -1,0 +1,122 @@
+"""Configuration: typed, frozen, errors naming file and key, exit status 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from fiona.config import load_config
+from fiona.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "conf" / "fiona.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_shipped_example_is_valid_and_embedded() -> None:
+    config = load_config(REPO / "config" / "fiona.yaml")
+    assert config.node.ae_title == "FIONA"
+    assert config.database.url.startswith("sqlite:///")
+    assert config.storage.path == (REPO / "config" / "var").resolve()
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    path = write(tmp_path, "storage: {path: spool}\ndatabase: {url: 'sqlite:///db/f.db'}\n")
+    config = load_config(path)
+    assert config.storage.path == (tmp_path / "conf" / "spool").resolve()
+    assert config.database.url == f"sqlite:///{(tmp_path / 'conf' / 'db' / 'f.db').resolve()}"
+
+
+def test_defaults_fill_a_minimal_file(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "node: {port: 4242}\n"))
+    assert config.node.port == 4242
+    assert config.stable_after_seconds == 15
+    assert config.storage.min_free_mb == 512
+    assert config.storage.path == (tmp_path / "conf" / "var").resolve()
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "{}\n"))
+    with pytest.raises(ValidationError):
+        config.node.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        ("node: {port: 70000}\n", "node.port", "less than or equal"),
+        ("node: {ae_title: 'WAY_TOO_LONG_AE_TITLE'}\n", "node.ae_title", "not a valid AE title"),
+        ("node: {prot: 1}\n", "node.prot", "Extra inputs"),
+        ("storage: {min_free_mb: -1}\n", "storage.min_free_mb", "greater than or equal"),
+        ("database: {url: 'mysql://x/y'}\n", "database.url", "only sqlite"),
+        ("database: {url: 'postgresql+psycopg2://u@h/d'}\n", "database.url", "psycopg"),
+        ("stable_after_seconds: 0\n", "stable_after_seconds", "greater than"),
+        ("node: {allowed_peers: ['10.0.0.0/33']}\n", "node.allowed_peers", "not an IP"),
+        ("projects: {bicam: {}}\n", "projects", "capitals"),
+        ("projects: {BICAM: {ae_titles: [FIONA]}}\n", "<top>", "already used"),
+        ("- a\n- b\n", "<top>", "mapping"),
+        ("node: [\n", "<top>", "not valid YAML"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path: Path, text: str, key: str, words: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    matching = [line for line in message.splitlines() if f": {key}: " in line]
+    assert matching, message
+    assert words in " ".join(matching)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fiona", *args], capture_output=True, text=True,
+        env={**os.environ, **(env or {})}, timeout=60, check=False,
+    )
+
+
+def test_check_exits_2_on_bad_config(tmp_path: Path) -> None:
+    path = write(tmp_path, "node: {port: 0}\n")
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 2
+    assert f"{path}: node.port:" in result.stderr
+
+
+def test_check_prints_effective_config_and_masks_password(tmp_path: Path) -> None:
+    path = write(tmp_path, "database: {url: 'postgresql+psycopg://fiona:s3cret@db/fiona'}\n")
+    result = run_cli("check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "s3cret" not in result.stdout
+    assert "postgresql+psycopg://fiona:***@db/fiona" in result.stdout
+    assert "min_free_mb: 512" in result.stdout
+
+
+def test_fiona_config_environment_variable(tmp_path: Path) -> None:
+    path = write(tmp_path, "node: {ae_title: ENVNODE}\n")
+    result = run_cli("check", env={"FIONA_CONFIG": str(path)})
+    assert result.returncode == 0, result.stderr
+    assert "ae_title: ENVNODE" in result.stdout
+
+
+def test_no_config_at_all_exits_2(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "FIONA_CONFIG"}
+    result = subprocess.run([sys.executable, "-m", "fiona", "check"], capture_output=True,
+                            text=True, env=env, timeout=60, check=False)
+    assert result.returncode == 2
+    assert "FIONA_CONFIG" in result.stderr
