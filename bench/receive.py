@@ -1,0 +1,622 @@
+#!/usr/bin/env python3
+"""Receive benchmark: dcmtk ``storescu`` → dcmtk ``storescp`` / ``fiona serve`` / Orthanc.
+
+Sends the same synthetic CT corpus (default 2,000 instances of 512×512 16-bit, ~0.53 MB
+each, one study, synthetic UIDs and names) with ``/usr/bin/storescu`` to each target in
+turn, for several rounds, alternating the targets inside every round (the machine is shared
+and noisy, so only side-by-side ratios are meaningful). Reports per target the median
+instances/s, the ratio to storescp, the server's CPU-ms per instance (utime+stime from
+/proc/PID/stat around the transfer) and its peak RSS (VmHWM).
+
+Every target starts fresh per round (empty folder, empty database), is waited for with
+C-ECHO, and is stopped after its round (SIGTERM; FIONA must exit 0). Store failures
+(``E:`` lines, "Store Failed") and missing instances fail the round. Traffic stays on
+127.0.0.1. Every dcmtk tool and Orthanc run with ``TCP_NODELAY=1`` (TESTING.md).
+
+Usage::
+
+    python bench/receive.py --count 2000 --rounds 3
+    python bench/receive.py --count 2000 --rounds 3 --parallel 2 --json bench/out/p2.json
+    python bench/receive.py --targets fiona --rounds 1 --hold   # for py-spy --pid
+
+The corpus is cached in ``bench/out/corpus`` (gitignored) and reused across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+OUT = HERE / "out"
+DEFAULT_CORPUS = OUT / "corpus"
+CORPUS_VERSION = 1
+
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+ECHOSCU = "/usr/bin/echoscu"
+ORTHANC = "/usr/sbin/Orthanc"
+HOST = "127.0.0.1"
+ALL_TARGETS = ("storescp", "fiona", "orthanc")
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def dcmtk_env() -> dict[str, str]:
+    """Nagle off for dcmtk and Orthanc (TESTING.md: ~20 instances/s otherwise)."""
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+# -- corpus -----------------------------------------------------------------------------
+
+
+def make_corpus(folder: Path, count: int) -> list[Path]:
+    """Create (or reuse) `count` synthetic CT instances in `folder`; return their paths."""
+    marker = folder.with_name(folder.name + ".json")  # outside, so `+sd DIR` sends only DICOM
+    if marker.exists():
+        info = json.loads(marker.read_text())
+        if info.get("version") == CORPUS_VERSION and info.get("count", 0) >= count:
+            files = [folder / name for name in info["files"][:count]]
+            if all(p.exists() for p in files):
+                return files
+    import numpy as np
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.dataset import Dataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    print(f"generating {count} synthetic CT instances in {folder} ...", file=sys.stderr)
+    rng = np.random.default_rng(20240601)
+    base = rng.integers(0, 4096, size=(512, 512), dtype=np.uint16)
+    prefix = "2.25."  # UUID-derived UIDs: synthetic, never clash with real ones
+    study_uid = generate_uid(prefix)
+    series_uid = generate_uid(prefix)
+    frame_uid = generate_uid(prefix)
+    names = []
+    t0 = time.monotonic()
+    for i in range(count):
+        sop_uid = generate_uid(prefix)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = "1.2.826.0.1.3680043.10.1338.1"
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = sop_uid
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = frame_uid
+        ds.Modality = "CT"
+        ds.PatientName = "BENCH^SYNTHETIC"
+        ds.PatientID = "BENCH0001"
+        ds.PatientBirthDate = "19700101"
+        ds.PatientSex = "O"
+        ds.StudyDate = "20240101"
+        ds.StudyTime = "120000"
+        ds.SeriesDate = "20240101"
+        ds.SeriesTime = "120000"
+        ds.AccessionNumber = "BENCH1"
+        ds.StudyID = "1"
+        ds.SeriesNumber = 1
+        ds.InstanceNumber = i + 1
+        ds.StudyDescription = "FIONA receive benchmark (synthetic)"
+        ds.SeriesDescription = "synthetic CT"
+        ds.Manufacturer = "SYNTHETIC"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImagePositionPatient = [-250.0, -250.0, -1.0 * i]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.SliceThickness = 1.0
+        ds.PixelSpacing = [0.976562, 0.976562]
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = 512
+        ds.Columns = 512
+        ds.BitsAllocated = 16
+        ds.BitsStored = 12
+        ds.HighBit = 11
+        ds.PixelRepresentation = 0
+        ds.RescaleIntercept = -1024
+        ds.RescaleSlope = 1
+        ds.WindowCenter = 40
+        ds.WindowWidth = 400
+        pixels = np.roll(base, i * 7, axis=0)
+        ds.PixelData = pixels.tobytes()
+        name = f"CT{i + 1:06d}.dcm"
+        ds.save_as(folder / name, enforce_file_format=True)
+        names.append(name)
+    marker.write_text(json.dumps({"version": CORPUS_VERSION, "count": count,
+                                  "study_instance_uid": study_uid, "files": names}))
+    print(f"corpus ready in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    return [folder / n for n in names]
+
+
+# -- process helpers ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime+stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    # fields[0] is state (field 3); utime is field 14, stime field 15.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_echo(port: int, called: str, proc: subprocess.Popen[Any], timeout: float) -> None:
+    """Wait until the server answers C-ECHO.
+
+    Only echoscu probes the port: a bare TCP connect-and-close would leave pynetdicom (and
+    so FIONA) holding an association thread until its ACSE timeout, delaying its stop.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early with {proc.returncode}")
+        r = subprocess.run(
+            [ECHOSCU, "-aet", "BENCH", "-aec", called, "-to", "5", "-ta", "5", HOST, str(port)],
+            env=dcmtk_env(), capture_output=True, text=True, timeout=30,
+        )
+        if r.returncode == 0 and "E:" not in r.stdout + r.stderr:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"no C-ECHO answer on port {port} after {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 60.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return -9
+    return int(proc.returncode)
+
+
+# -- targets ------------------------------------------------------------------------------
+
+
+class Target:
+    """One receiving server, started fresh for a round in `workdir`."""
+
+    name = ""
+    called_ae = "ANY-SCP"
+
+    def __init__(self, workdir: Path, args: argparse.Namespace) -> None:
+        self.workdir = workdir
+        self.args = args
+        self.port = free_port()
+        self.proc: subprocess.Popen[Any] | None = None
+        self.log = open(workdir / f"{self.name}.log", "wb")
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return dcmtk_env()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.command(), cwd=self.workdir, env=self.env(),
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        wait_echo(self.port, self.called_ae, self.proc, timeout=60)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def received(self) -> int:
+        raise NotImplementedError
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        code = stop_process(self.proc)
+        self.log.close()
+        return code
+
+    def stop_ok(self, code: int) -> bool:
+        return code in (0, -signal.SIGTERM)
+
+
+class StoreSCP(Target):
+    name = "storescp"
+    called_ae = "STORESCP"
+
+    def command(self) -> list[str]:
+        self.outdir = self.workdir / "received"
+        self.outdir.mkdir()
+        return [STORESCP, "-aet", self.called_ae, "-od", str(self.outdir), str(self.port)]
+
+    def received(self) -> int:
+        return sum(1 for p in self.outdir.rglob("*") if p.is_file())
+
+
+class Fiona(Target):
+    name = "fiona"
+    called_ae = "FIONA"
+
+    def command(self) -> list[str]:
+        self.config = self.workdir / "fiona.yaml"
+        spool = self.workdir / "spool"
+        self.config.write_text(
+            "node:\n"
+            f"  ae_title: {self.called_ae}\n"
+            f"  host: {HOST}\n"
+            f"  port: {self.port}\n"
+            f"  maximum_pdu_size: {self.args.fiona_pdu}\n"
+            "storage:\n"
+            f"  path: {spool}\n"
+            "  min_free_mb: 512\n"
+            "database:\n"
+            f"  url: \"sqlite:///{self.workdir / 'fiona.db'}\"\n"
+            "stable_after_seconds: 600\n"
+            "logging:\n"
+            "  level: INFO\n"
+        )
+        return [sys.executable, "-m", "fiona", "serve", "--config", str(self.config)]
+
+    def env(self) -> dict[str, str]:
+        env = dcmtk_env()
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def received(self) -> int:
+        r = subprocess.run(
+            [sys.executable, "-m", "fiona", "status", "--json", "--config", str(self.config)],
+            capture_output=True, text=True, timeout=120,
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"fiona status failed: {r.stderr[-500:]}")
+        report = json.loads(r.stdout)
+        self.quarantined = int(report.get("quarantined", 0))
+        return int(report["instances"])
+
+    def stop_ok(self, code: int) -> bool:
+        return code == 0  # FIONA finishes its work on SIGTERM and exits 0
+
+
+class Orthanc(Target):
+    name = "orthanc"
+    called_ae = "ORTHANC"
+
+    def command(self) -> list[str]:
+        self.http_port = free_port()
+        storage = self.workdir / "orthanc-db"
+        storage.mkdir()
+        config = {
+            "Name": "bench", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
+            "StorageCompression": False, "Plugins": [], "HttpServerEnabled": True,
+            "HttpPort": self.http_port, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomServerEnabled": True,
+            "DicomAet": self.called_ae, "DicomPort": self.port, "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True, "DicomModalities": {}, "OrthancPeers": {},
+            "SaveJobs": False, "WebDavEnabled": False,
+        }
+        path = self.workdir / "orthanc.json"
+        path.write_text(json.dumps(config, indent=1))
+        return [ORTHANC, str(path)]
+
+    def received(self) -> int:
+        url = f"http://{HOST}:{self.http_port}/statistics"
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return int(json.load(resp)["CountInstances"])
+
+
+TARGETS: dict[str, type[Target]] = {"storescp": StoreSCP, "fiona": Fiona, "orthanc": Orthanc}
+
+
+# -- sending ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SendResult:
+    wall_s: float  # first storescu start → last storescu exit
+    assoc_s: float  # first "Requesting Association" → last "Releasing Association"
+    errors: list[str] = field(default_factory=list)
+    client_cpu_s: float = 0.0
+    sent: int = 0
+
+
+def _reader(stream: Any, sink: list[tuple[float, str]]) -> None:
+    for raw in iter(stream.readline, b""):
+        sink.append((time.monotonic(), raw.decode("utf-8", "replace").rstrip()))
+
+
+def send(files: list[Path], port: int, called_ae: str, parallel: int,
+         timeout: float) -> SendResult:
+    """Send `files` with `parallel` storescu processes (one association each)."""
+    chunks = [files[i::parallel] for i in range(parallel)]
+    procs = []
+    lines: list[list[tuple[float, str]]] = []
+    threads = []
+    ru0 = os.times()
+    t0 = time.monotonic()
+    for chunk in chunks:
+        cmd = [STORESCU, "-v", "-aet", "BENCH", "-aec", called_ae, "-nh",
+               "-to", "10", "-ta", "30", "-td", "60", HOST, str(port),
+               *map(str, chunk)]
+        proc = subprocess.Popen(cmd, env=dcmtk_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        sink: list[tuple[float, str]] = []
+        th = threading.Thread(target=_reader, args=(proc.stdout, sink), daemon=True)
+        th.start()
+        procs.append(proc)
+        lines.append(sink)
+        threads.append(th)
+    deadline = t0 + timeout
+    errors: list[str] = []
+    for proc in procs:
+        try:
+            proc.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            errors.append(f"storescu killed after {timeout} s")
+        if proc.returncode != 0:
+            errors.append(f"storescu exit status {proc.returncode}")
+    t1 = time.monotonic()
+    ru1 = os.times()
+    for th in threads:
+        th.join(10)
+    starts, ends, sent = [], [], 0
+    for sink in lines:
+        for ts, text in sink:
+            if "Requesting Association" in text:
+                starts.append(ts)
+            elif "Releasing Association" in text:
+                ends.append(ts)
+            elif "Received Store Response (Success)" in text:
+                sent += 1
+            if text.startswith(("E:", "F:")) or "Store Failed" in text:
+                errors.append(text)
+    assoc_s = (max(ends) - min(starts)) if starts and len(ends) == len(procs) else t1 - t0
+    client_cpu = (ru1.children_user + ru1.children_system) - (ru0.children_user
+                                                                + ru0.children_system)
+    return SendResult(t1 - t0, assoc_s, errors[:20], client_cpu, sent)
+
+
+# -- a round -------------------------------------------------------------------------------
+
+
+@dataclass
+class RoundResult:
+    target: str
+    round: int
+    count: int
+    parallel: int
+    wall_s: float
+    assoc_s: float
+    instances_per_s: float
+    server_cpu_ms_per_instance: float
+    server_peak_rss_mb: float
+    client_cpu_ms_per_instance: float
+    received: int
+    stop_code: int
+    startup_s: float
+    stop_s: float
+    ok: bool
+    problems: list[str]
+
+
+def run_round(name: str, rnd: int, files: list[Path], args: argparse.Namespace,
+              scratch: Path) -> RoundResult:
+    workdir = Path(tempfile.mkdtemp(prefix=f"{name}-r{rnd}-", dir=scratch))
+    target = TARGETS[name](workdir, args)
+    problems: list[str] = []
+    t_start = time.monotonic()
+    target.start()
+    startup_s = time.monotonic() - t_start
+    try:
+        if args.hold:
+            print(f"[hold] {name} pid {target.pid} port {target.port}; sending in "
+                  f"{args.hold} s", file=sys.stderr, flush=True)
+            time.sleep(args.hold)
+        cpu0 = cpu_seconds(target.pid)
+        result = send(files, target.port, target.called_ae, args.parallel, args.send_timeout)
+        cpu1 = cpu_seconds(target.pid)
+        rss = peak_rss_mb(target.pid)
+        if name == "orthanc":
+            received = target.received()
+    finally:
+        t_stop = time.monotonic()
+        code = target.stop()
+        stop_s = time.monotonic() - t_stop
+    if name != "orthanc":
+        received = target.received()
+    problems.extend(result.errors)
+    if received != len(files):
+        problems.append(f"received {received} of {len(files)}")
+    if result.sent != len(files):
+        problems.append(f"storescu reported {result.sent} successful stores of {len(files)}")
+    if getattr(target, "quarantined", 0):
+        problems.append(f"{target.quarantined} quarantined")
+    if not target.stop_ok(code):
+        problems.append(f"server exit status {code}")
+    n = len(files)
+    rr = RoundResult(
+        target=name, round=rnd, count=n, parallel=args.parallel,
+        wall_s=round(result.wall_s, 3), assoc_s=round(result.assoc_s, 3),
+        instances_per_s=round(n / result.assoc_s, 1),
+        server_cpu_ms_per_instance=round((cpu1 - cpu0) * 1000 / n, 2),
+        server_peak_rss_mb=round(rss, 1),
+        client_cpu_ms_per_instance=round(result.client_cpu_s * 1000 / n, 2),
+        received=received, stop_code=code, startup_s=round(startup_s, 2),
+        stop_s=round(stop_s, 2), ok=not problems, problems=problems,
+    )
+    if args.keep:
+        print(f"  kept {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    os.sync()  # flush this round's writes before the next target is timed
+    return rr
+
+
+def summarise(results: list[RoundResult], targets: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    base = None
+    for name in targets:
+        mine = [r for r in results if r.target == name and r.ok]
+        if not mine:
+            rows.append({"target": name, "rounds_ok": 0})
+            continue
+        rates = [r.instances_per_s for r in mine]
+        row = {
+            "target": name,
+            "rounds_ok": len(mine),
+            "rounds": len([r for r in results if r.target == name]),
+            "median_instances_per_s": round(statistics.median(rates), 1),
+            "min_instances_per_s": min(rates),
+            "max_instances_per_s": max(rates),
+            "median_server_cpu_ms_per_instance": round(
+                statistics.median(r.server_cpu_ms_per_instance for r in mine), 2),
+            "max_server_peak_rss_mb": max(r.server_peak_rss_mb for r in mine),
+        }
+        if name == "storescp":
+            base = row["median_instances_per_s"]
+        rows.append(row)
+    # Ratio of medians, and the median of the per-round ratios (same round, side by side).
+    scp = {r.round: r.instances_per_s for r in results if r.target == "storescp" and r.ok}
+    for row in rows:
+        if base and "median_instances_per_s" in row:
+            row["ratio_to_storescp"] = round(row["median_instances_per_s"] / base, 2)
+            per_round = [r.instances_per_s / scp[r.round] for r in results
+                         if r.target == row["target"] and r.ok and r.round in scp]
+            if per_round:
+                row["median_round_ratio_to_storescp"] = round(statistics.median(per_round), 2)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    print(f"\n{args.count} instances, {args.parallel} association(s), {args.rounds} round(s)")
+    print("| target | inst/s median (min–max) | × storescp (per-round median) | "
+          "server CPU ms/inst | server peak RSS MB | rounds ok |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if not r.get("rounds_ok"):
+            print(f"| {r['target']} | failed | | | | 0 |")
+            continue
+        ratio = r.get("ratio_to_storescp")
+        ratio_s = f"{ratio:.2f} ({r.get('median_round_ratio_to_storescp', 0):.2f})" \
+            if ratio is not None else "–"
+        print(f"| {r['target']} | {r['median_instances_per_s']:.0f} "
+              f"({r['min_instances_per_s']:.0f}–{r['max_instances_per_s']:.0f}) | {ratio_s} | "
+              f"{r['median_server_cpu_ms_per_instance']:.2f} | "
+              f"{r['max_server_peak_rss_mb']:.0f} | {r['rounds_ok']}/{r['rounds']} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--count", type=int, default=2000, help="instances to send (default 2000)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per target (default 3)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="storescu processes (associations) splitting the corpus")
+    p.add_argument("--targets", default=",".join(ALL_TARGETS),
+                   help=f"comma-separated subset of {','.join(ALL_TARGETS)}")
+    p.add_argument("--json", type=Path, help="write per-round results and summary here")
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="corpus cache folder")
+    p.add_argument("--scratch", type=Path, default=OUT / "rounds",
+                   help="parent of the per-round server folders (deleted after each round)")
+    p.add_argument("--fiona-pdu", type=int, default=1048576,
+                   help="FIONA node.maximum_pdu_size (default 1048576, FIONA's default)")
+    p.add_argument("--send-timeout", type=float, default=900.0,
+                   help="kill storescu after this many seconds (bounded runtime)")
+    p.add_argument("--keep", action="store_true", help="keep the per-round server folders")
+    p.add_argument("--hold", type=float, default=0.0,
+                   help="seconds to wait after a server is up before sending (to attach a "
+                        "profiler to the printed pid)")
+    args = p.parse_args(argv)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        p.error(f"unknown targets {unknown}; choose from {ALL_TARGETS}")
+    if args.parallel < 1 or args.count < args.parallel:
+        p.error("--parallel must be >= 1 and <= --count")
+    for tool in (STORESCU, ECHOSCU) + ((STORESCP,) if "storescp" in targets else ()) + (
+            (ORTHANC,) if "orthanc" in targets else ()):
+        if not os.access(tool, os.X_OK):
+            p.error(f"{tool} is missing (apt-get install dcmtk orthanc)")
+
+    files = make_corpus(args.corpus, args.count)
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    # Warm the page cache so that every target reads the corpus from memory.
+    for f in files:
+        with open(f, "rb") as fh:
+            while fh.read(1 << 20):
+                pass
+    started = dt.datetime.now(dt.timezone.utc)
+    results: list[RoundResult] = []
+    for rnd in range(1, args.rounds + 1):
+        # Rotate the order so that no target always runs first (or after the same one).
+        k = (rnd - 1) % len(targets)
+        order = targets[k:] + targets[:k]
+        for name in order:
+            try:
+                rr = run_round(name, rnd, files, args, args.scratch)
+            except Exception as exc:  # noqa: BLE001 - report and go on with the next one
+                rr = RoundResult(name, rnd, len(files), args.parallel, 0, 0, 0, 0, 0, 0, 0, -1,
+                                 0, 0, False, [f"{type(exc).__name__}: {exc}"])
+            results.append(rr)
+            status = "ok" if rr.ok else "FAILED: " + "; ".join(rr.problems[:3])
+            print(f"round {rnd} {name:9s} {rr.instances_per_s:7.1f} inst/s  "
+                  f"assoc {rr.assoc_s:6.2f} s wall {rr.wall_s:6.2f} s  "
+                  f"cpu {rr.server_cpu_ms_per_instance:5.2f} ms/inst  "
+                  f"rss {rr.server_peak_rss_mb:6.1f} MB  up {rr.startup_s:.1f} s "
+                  f"stop {rr.stop_s:.1f} s  {status}", flush=True)
+    rows = summarise(results, targets)
+    print_table(rows, args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "started_utc": started.isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "python": platform.python_version()},
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "summary": rows,
+            "rounds": [asdict(r) for r in results],
+        }, indent=2) + "\n")
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
