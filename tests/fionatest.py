@@ -131,7 +131,11 @@ def storescu(port: int, files: list[Path], *, called: str = "FIONA", calling: st
 
 def store_failures(result: subprocess.CompletedProcess[str]) -> list[str]:
     out = result.stdout + result.stderr
-    return [line for line in out.splitlines() if line.startswith(("E:", "F:"))]
+    return [
+        line
+        for line in out.splitlines()
+        if line.startswith(("E:", "F:")) or ("Store Response" in line and "Success" not in line)
+    ]
 
 
 @dataclass

@@ -193,10 +193,15 @@ class Node:
             server = self._server
             server.shutdown()  # no new associations; running ones continue
             deadline = time.monotonic() + grace_seconds
-            while server.active_associations and time.monotonic() < deadline:
+            # Only established associations are in flight; a connection still waiting for
+            # its A-ASSOCIATE-RQ (a port probe, say) is not worth waiting acse_timeout for.
+            while time.monotonic() < deadline and any(
+                assoc.is_established for assoc in server.active_associations
+            ):
                 time.sleep(0.05)
             for assoc in server.active_associations:
-                log.warning("aborting association at shutdown")
+                if assoc.is_established:
+                    log.warning("aborting association at shutdown: grace period over")
                 assoc.abort()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)

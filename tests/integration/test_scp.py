@@ -1,0 +1,310 @@
+"""``fiona serve`` as a subprocess against real senders: dcmtk storescu and pynetdicom."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE, _config as pynetdicom_config, evt
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.sop_class import CTImageStorage, Verification
+from sqlalchemy import create_engine, select, text
+
+from fiona.scu import set_nodelay
+from fionatest import (
+    DCMTK,
+    dataset_bytes,
+    sample_file,
+    store_failures,
+    storescu,
+    write_study,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+# (pydicom test file, storescu option proposing its transfer syntax)
+COMPRESSED = [
+    ("JPEG2000.dcm", "-xw"),
+    ("MR_small_jp2klossless.dcm", "-xv"),
+    ("SC_rgb_rle_2frame.dcm", "-xr"),
+    ("SC_rgb_jpeg_dcmtk.dcm", "-xy"),
+    ("JPEG-lossy.dcm", "-xx"),
+    ("MR_small_jpeg_ls_lossless.dcm", "-xt"),
+    ("image_dfl.dcm", "-xd"),
+]
+
+
+def index(server, sql: str) -> list[tuple]:  # type: ignore[no-untyped-def]
+    import yaml
+
+    url = yaml.safe_load(server.config_path.read_text())["database"]["url"]
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return [tuple(r) for r in connection.execute(text(sql))]
+    finally:
+        engine.dispose()
+
+
+def status(server) -> dict:  # type: ignore[no-untyped-def]
+    return json.loads(server.cli("status", "--json").stdout)
+
+
+@pytest.fixture
+def server(make_server, db_url: str):  # type: ignore[no-untyped-def]
+    """A running node, once on SQLite and once on PostgreSQL."""
+    srv = make_server(db_url, projects={"BICAM": {"ae_titles": ["BICAM"]}})
+    srv.start()
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+def test_storescu_studies_are_stored_byte_exact(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # dcmtk re-encodes what it sends (it drops CT_small.dcm's trailing padding, say), so
+    # the byte-exact check uses files it passes through unchanged; pynetdicom's chunked
+    # send of arbitrary files is checked in test_bad_datasets_...
+    files = write_study(tmp_path / "a", 2, 5) + write_study(tmp_path / "b", 1, 5)
+    result = storescu(server.port, files, calling="CT01")
+    assert not store_failures(result), result.stdout + result.stderr
+    # And to a project's AE title (mode B): accepted, recorded with that called AE.
+    result = storescu(server.port, [sample_file("MR_small.dcm")], called="BICAM",
+                      calling="MR01")
+    assert not store_failures(result)
+
+    report = status(server)
+    assert report["instances"] == 16
+    rows = index(server, "SELECT sop_instance_uid, path, calling_ae_title, called_ae_title, "
+                         "peer_address, transfer_syntax_uid FROM instances")
+    by_uid = {r[0]: r for r in rows}
+    for path in files:
+        ds = dcmread(path, stop_before_pixels=True)
+        row = by_uid[ds.SOPInstanceUID]
+        assert row[2:5] == ("CT01", "FIONA", "127.0.0.1")
+        stored = server.storage / row[1]
+        assert stored == (server.storage / "incoming" / ds.StudyInstanceUID
+                          / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm")
+        assert dataset_bytes(stored) == dataset_bytes(path)  # never transcoded
+        dcmread(stored)  # round-trips through a strict read
+    mr = dcmread(sample_file("MR_small.dcm"), stop_before_pixels=True)
+    assert by_uid[mr.SOPInstanceUID][2:4] == ("MR01", "BICAM")
+
+
+def test_compressed_transfer_syntaxes_are_stored_as_received(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # JPEG lossless (process 14, SV1), compressed here by dcmtk from a synthetic CT.
+    source = write_study(tmp_path / "plain", 1, 1)[0]
+    jpeg_lossless = tmp_path / "jpeg_lossless.dcm"
+    subprocess.run([str(DCMTK / "dcmcjpeg"), str(source), str(jpeg_lossless)], check=True)
+    # Several of pydicom's files share a SOP Instance UID: check each right after its send.
+    for name, option in [*COMPRESSED, (str(jpeg_lossless), "-xs")]:
+        path = sample_file(name) if "/" not in name else Path(name)
+        result = storescu(server.port, [path], extra=(option,))
+        assert not store_failures(result), f"{name}: {result.stdout}{result.stderr}"
+        ds = dcmread(path, stop_before_pixels=True)
+        rows = index(server, "SELECT transfer_syntax_uid, path FROM instances "
+                             f"WHERE sop_instance_uid = '{ds.SOPInstanceUID}'")
+        assert rows[0][0] == ds.file_meta.TransferSyntaxUID, name
+        stored = server.storage / rows[0][1]
+        assert dcmread(stored).file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+
+
+def send_pynetdicom(port: int, files: list[Path], called: str = "FIONA") -> list[int]:
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(dcmread(path)).Status) for path in files]
+    finally:
+        assoc.release()
+
+
+def test_many_parallel_associations(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    batches = [write_study(tmp_path / f"s{i}", 1, 12) for i in range(8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = list(pool.map(lambda b: send_pynetdicom(server.port, b), batches))
+    assert all(code == 0 for codes in statuses for code in codes)
+    report = status(server)
+    assert report["instances"] == 96
+    assert report["studies"]["RECEIVING"] + report["studies"]["STABLE"] == 8
+    associations = index(server, "SELECT instances_stored FROM associations "
+                                 "WHERE ended_at IS NOT NULL")
+    assert sorted(r[0] for r in associations) == [12] * 8
+
+
+def test_echo_and_rejections(server) -> None:  # type: ignore[no-untyped-def]
+    ok = subprocess.run([sys.executable, "-m", "fiona", "echo", "127.0.0.1", str(server.port),
+                         "--called-ae", "FIONA"], capture_output=True, text=True, check=False)
+    assert ok.returncode == 0 and "success" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "fiona", "echo", "127.0.0.1", str(server.port),
+                          "--called-ae", "UNKNOWN"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 1 and "rejected" in bad.stderr
+    result = storescu(server.port, [sample_file("CT_small.dcm")], called="NOBODY")
+    assert "Called AE Title Not Recognized" in result.stdout + result.stderr
+    # The server keeps serving and recorded the rejections.
+    assert storescu(server.port, [sample_file("CT_small.dcm")]).returncode == 0
+    reasons = index(server, "SELECT details FROM audit_events "
+                            "WHERE event_type = 'ASSOCIATION_REJECTED'")
+    assert len(reasons) == 2
+    assert all("called AE title not recognised" in str(r[0]) for r in reasons)
+
+
+def test_bad_datasets_get_failure_status_and_are_quarantined(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    good = sample_file("CT_small.dcm")
+    raw = good.read_bytes()
+    meta_len = len(raw) - len(dataset_bytes(good))
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(raw[:meta_len] + b"\x08\x00\x05\x00CS\xff\x7f" + b"junk" * 100)
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(raw[:-3000])
+
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # send the bytes as they are
+    try:
+        ae = AE(ae_title="BADSENDER")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="FIONA")
+        assert assoc.is_established
+        codes = [int(assoc.send_c_store(path).Status) for path in (garbage, truncated, good)]
+        assoc.release()
+    finally:
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = False
+    assert codes == [0xC210, 0xC210, 0x0000]
+    stored = next(server.storage.glob("incoming/*/*/*.dcm"))
+    assert dataset_bytes(stored) == dataset_bytes(good)
+    report = status(server)
+    assert report["quarantined"] == 2 and report["instances"] == 1
+    kept = sorted(p.read_bytes() for p in server.storage.glob("quarantine/*/*.dcm"))
+    assert len(kept) == 2
+    assert any(k.endswith(raw[meta_len:-3000]) for k in kept)  # the bytes, not dropped
+
+
+def test_disallowed_calling_ae_is_rejected(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = make_server(node={"allowed_calling_ae_titles": ["CT01"]})
+    srv.start()
+    denied = storescu(srv.port, [sample_file("CT_small.dcm")], calling="INTRUDER")
+    assert "Calling AE Title Not Recognized" in denied.stdout + denied.stderr
+    allowed = storescu(srv.port, [sample_file("CT_small.dcm")], calling="CT01")
+    assert not store_failures(allowed)
+    assert status(srv)["instances"] == 1
+    assert srv.stop() == 0
+
+
+def test_accept_any_called_ae(make_server) -> None:  # type: ignore[no-untyped-def]
+    srv = make_server(node={"accept_any_called_ae": True})
+    srv.start()
+    result = storescu(srv.port, [sample_file("CT_small.dcm")], called="WHATEVER")
+    assert not store_failures(result)
+    assert srv.stop() == 0
+
+
+def test_low_disk_rejects_associations_transiently(make_server) -> None:  # type: ignore[no-untyped-def]
+    srv = make_server(storage={"min_free_mb": 1 << 30})  # a petabyte floor: always "full"
+    srv.start()
+    result = storescu(srv.port, [sample_file("CT_small.dcm")])
+    assert "Rejected Transient" in result.stdout + result.stderr
+    assert not list(srv.storage.glob("incoming/*/*/*.dcm"))
+    assert srv.stop() == 0
+
+
+def test_small_filesystem_fills_up_a700_then_keeps_serving(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    try:
+        srv = make_server(storage={"path": str(mount), "min_free_mb": 2},
+                          database={"url": f"sqlite:///{tmp_path}/small.db"})
+        srv.start()
+        files = write_study(tmp_path / "big", 1, 12, size=512)  # 12 x 0.5 MB
+        result = storescu(srv.port, files)
+        output = result.stdout + result.stderr
+        assert "Refused: OutOfResources" in output
+        stored = status(srv)["instances"]
+        assert 1 <= stored < 12
+        # Every stored instance is complete; the server still answers.
+        for path in srv.storage.glob("incoming/*/*/*.dcm"):
+            dcmread(path)
+        assert subprocess.run([str(DCMTK / "echoscu"), "-aec", "FIONA", "127.0.0.1",
+                               str(srv.port)], check=False).returncode == 0
+        assert srv.stop() == 0
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_kill_9_loses_no_acknowledged_instance(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = make_server(stable_after_seconds=30)
+    srv.start()
+    files = write_study(tmp_path / "study", 2, 150, size=256)
+    acknowledged: list[str] = []
+    stop = threading.Event()
+
+    def sender() -> None:
+        ae = AE(ae_title="KILLTEST")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", srv.port, ae_title="FIONA")
+        for path in files:
+            if stop.is_set() or not assoc.is_established:
+                break
+            ds = dcmread(path)
+            rsp = assoc.send_c_store(ds)
+            if getattr(rsp, "Status", None) == 0x0000:
+                acknowledged.append(ds.SOPInstanceUID)
+        if assoc.is_established:
+            assoc.abort()
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    while len(acknowledged) < 40 and thread.is_alive():
+        threading.Event().wait(0.01)
+    srv.kill9()
+    stop.set()
+    thread.join(60)
+    assert 40 <= len(acknowledged) < len(files)
+
+    srv.start()  # restart: reconciliation runs before listening
+    rows = dict(index(srv, "SELECT sop_instance_uid, path FROM instances"))
+    for uid in acknowledged:
+        assert uid in rows, "an acknowledged instance was lost"
+    for path in srv.storage.glob("incoming/*/*/*.dcm"):
+        dcmread(path)  # nothing half-written
+        assert srv.storage.joinpath(rows[path.stem]).exists()
+    assert not list((srv.storage / "tmp").iterdir())
+    assert srv.stop() == 0
+
+
+def test_sigterm_finishes_in_flight_association(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = make_server()
+    srv.start()
+    files = write_study(tmp_path / "study", 1, 120, size=256)
+    codes: list[int] = []
+    started = threading.Event()
+
+    def sender() -> None:
+        ae = AE(ae_title="TERMTEST")
+        ae.add_requested_context(CTImageStorage)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", srv.port, ae_title="FIONA")
+        for path in files:
+            codes.append(int(assoc.send_c_store(dcmread(path)).Status))
+            started.set()
+        assoc.release()
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    assert started.wait(30)
+    srv.proc.send_signal(signal.SIGTERM)
+    thread.join(120)
+    assert srv.proc.wait(60) == 0
+    assert codes == [0] * len(files)
+    srv.start()
+    assert status(srv)["instances"] == len(files)
+    assert srv.stop() == 0
