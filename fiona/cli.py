@@ -61,8 +61,12 @@ def check(config_path: Path | None) -> None:
 
 @main.command()
 @_config_option
-@click.option("--grace", default=30.0, show_default=True,
-              help="Seconds to let in-flight associations finish on SIGTERM/SIGINT.")
+@click.option(
+    "--grace",
+    default=30.0,
+    show_default=True,
+    help="Seconds to let in-flight associations finish on SIGTERM/SIGINT.",
+)
 def serve(config_path: Path | None, grace: float) -> None:
     """Run the node in the foreground until SIGTERM or SIGINT."""
     from fiona.scp.server import Node
@@ -126,12 +130,16 @@ def status(config_path: Path | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"instances:   {report['instances']} ({report['instance_bytes']} bytes, "
-               f"{report['instances_missing_file']} missing on disk)")
+    click.echo(
+        f"instances:   {report['instances']} ({report['instance_bytes']} bytes, "
+        f"{report['instances_missing_file']} missing on disk)"
+    )
     click.echo("studies:     " + ", ".join(f"{k} {v}" for k, v in report["studies"].items()))
     click.echo(f"quarantined: {report['quarantined']}")
-    click.echo(f"free disk:   {report['storage']['free_bytes'] // 2**20} MB "
-               f"(floor {report['storage']['min_free_bytes'] // 2**20} MB)")
+    click.echo(
+        f"free disk:   {report['storage']['free_bytes'] // 2**20} MB "
+        f"(floor {report['storage']['min_free_bytes'] // 2**20} MB)"
+    )
 
 
 @main.command()
@@ -153,10 +161,10 @@ def echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float) 
 @_config_option
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--called-ae", default=None, help="Called AE title to record (default: node's).")
-@click.option("--calling-ae", default="IMPORT", show_default=True,
-              help="Calling AE title to record.")
-def import_(config_path: Path | None, folder: Path, called_ae: str | None,
-            calling_ae: str) -> None:
+@click.option(
+    "--calling-ae", default="IMPORT", show_default=True, help="Calling AE title to record."
+)
+def import_(config_path: Path | None, folder: Path, called_ae: str | None, calling_ae: str) -> None:
     """Ingest a folder of DICOM files (DVD, USB stick, legacy export) like C-STORE."""
     from fiona.scp.importer import import_folder, iter_files
     from fiona.scp.server import configure_pynetdicom, open_node_services
@@ -182,6 +190,8 @@ def import_(config_path: Path | None, folder: Path, called_ae: str | None,
     for path, reason in report.failed:
         click.echo(f"FAILED  {path}: {reason}", err=True)
     counts = ", ".join(f"{k.lower()} {v}" for k, v in sorted(report.outcomes.items()))
-    click.echo(f"import {report.association_id}: {counts or 'nothing'}; "
-               f"skipped {len(report.skipped)} non-DICOM")
+    click.echo(
+        f"import {report.association_id}: {counts or 'nothing'}; "
+        f"skipped {len(report.skipped)} non-DICOM"
+    )
     sys.exit(1 if report.failed else 0)

@@ -214,7 +214,9 @@ def resolve_config_path(path: str | os.PathLike[str] | None) -> Path:
     if path is None:
         path = os.environ.get(ENV_VAR)
     if not path:
-        raise ConfigError("<command line>", [("", f"no configuration: pass --config or set {ENV_VAR}")])
+        raise ConfigError(
+            "<command line>", [("", f"no configuration: pass --config or set {ENV_VAR}")]
+        )
     return Path(path)
 
 

@@ -72,4 +72,4 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     """Return a structlog logger for a module."""
-    return structlog.stdlib.get_logger(name)  # type: ignore[no-any-return]
+    return structlog.stdlib.get_logger(name)

@@ -23,9 +23,12 @@ def node_status(session_factory: sessionmaker[Session], spool: Spool) -> dict[st
             session.execute(select(Series.state, func.count()).group_by(Series.state)).all()
         )
         instances = session.scalar(select(func.count()).select_from(Instance)) or 0
-        missing = session.scalar(
-            select(func.count()).select_from(Instance).where(Instance.file_missing.is_(True))
-        ) or 0
+        missing = (
+            session.scalar(
+                select(func.count()).select_from(Instance).where(Instance.file_missing.is_(True))
+            )
+            or 0
+        )
         size = session.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0))) or 0
         quarantined = session.scalar(select(func.count()).select_from(QuarantinedFile)) or 0
     return {

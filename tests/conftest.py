@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fionatest import FionaServer, write_config
 from sqlalchemy import create_engine, text
 
 from fiona.config import load_config
 from fiona.scp.server import NodeServices, open_node_services
-from fionatest import FionaServer, write_config
 
 PG_ADMIN_URL = os.environ.get(
     "FIONA_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -100,8 +100,7 @@ def write_study(folder: Path, n_series: int, per_series: int, **kwargs: Any) -> 
     for s in range(n_series):
         series_uid = generate_uid()
         for i in range(per_series):
-            ds = make_ct(study_uid, series_uid, instance_number=i + 1, seed=s * 1000 + i,
-                         **kwargs)
+            ds = make_ct(study_uid, series_uid, instance_number=i + 1, seed=s * 1000 + i, **kwargs)
             path = folder / f"{ds.SOPInstanceUID}.dcm"
             ds.save_as(path, enforce_file_format=True)
             paths.append(path)
@@ -118,13 +117,32 @@ def dataset_bytes(path: Path) -> bytes:
     return raw[meta_end:]
 
 
-def storescu(port: int, files: list[Path], *, called: str = "FIONA", calling: str = "STORESCU",
-             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int,
+    files: list[Path],
+    *,
+    called: str = "FIONA",
+    calling: str = "STORESCU",
+    extra: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:
     """Send with dcmtk storescu; it exits 0 even on failures, so read its output."""
     return subprocess.run(
-        [str(DCMTK / "storescu"), "-v", "-aet", calling, "-aec", called, *extra,
-         "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "TCP_NODELAY": "1"},
+        [
+            str(DCMTK / "storescu"),
+            "-v",
+            "-aet",
+            calling,
+            "-aec",
+            called,
+            *extra,
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TCP_NODELAY": "1"},
         check=False,
     )
 
@@ -153,7 +171,9 @@ class FionaServer:
         log = open(self.log_path, "w")  # noqa: SIM115 - closed by the child's exit
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fiona", "serve", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, text=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         wait_port(self.port, timeout, self.proc)
 
@@ -174,7 +194,10 @@ class FionaServer:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "fiona", *args, "--config", str(self.config_path)],
-            capture_output=True, text=True, timeout=300, check=check,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=check,
         )
 
 

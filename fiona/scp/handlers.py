@@ -24,7 +24,7 @@ from fiona.errors import OutOfSpaceError
 from fiona.logs import get_logger
 from fiona.scp.ingest import Ingestor, ReceiveFacts, Status
 
-__all__ = ["AssociationContext", "ScpHandlers", "Rejection"]
+__all__ = ["AssociationContext", "Rejection", "ScpHandlers"]
 
 log = get_logger(__name__)
 
@@ -78,7 +78,10 @@ class ScpHandlers:
             self.config.accepted_called_ae_titles
         ):
             return Rejection(0x01, 0x01, 0x07, "called AE title not recognised")
-        if node.allowed_calling_ae_titles and calling_ae_title not in node.allowed_calling_ae_titles:
+        if (
+            node.allowed_calling_ae_titles
+            and calling_ae_title not in node.allowed_calling_ae_titles
+        ):
             return Rejection(0x01, 0x01, 0x03, "calling AE title not allowed")
         if not node.peer_allowed(peer_address):
             return Rejection(0x01, 0x01, 0x01, "peer address not allowed")
@@ -134,7 +137,7 @@ class ScpHandlers:
                     )
                 ]
             )
-        except Exception:  # noqa: BLE001 - a handler must not take the server down
+        except Exception:
             log.exception("association request check failed")
             assoc.abort()
 
@@ -145,8 +148,12 @@ class ScpHandlers:
             primitive = assoc.requestor.primitive
             calling = _text(primitive.calling_ae_title)
             peer = str(assoc.requestor.address)
-            log.warning("association rejected", calling_ae_title=calling, peer_address=peer,
-                        reason="local limit exceeded")
+            log.warning(
+                "association rejected",
+                calling_ae_title=calling,
+                peer_address=peer,
+                reason="local limit exceeded",
+            )
             self.ingestor.writer.add(
                 [
                     audit_event(
@@ -160,7 +167,7 @@ class ScpHandlers:
                     )
                 ]
             )
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("cannot record rejection")
 
     def handle_accepted(self, event: Any) -> None:
@@ -198,7 +205,7 @@ class ScpHandlers:
                     ),
                 ]
             )
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("cannot record association")
 
     def handle_conn_close(self, event: Any) -> None:
@@ -209,7 +216,10 @@ class ScpHandlers:
         facts = context.facts
         now = self.clock()
         outcome = (
-            "released" if event.assoc.is_released else "aborted" if event.assoc.is_aborted
+            "released"
+            if event.assoc.is_released
+            else "aborted"
+            if event.assoc.is_aborted
             else "closed"
         )
 
@@ -274,7 +284,7 @@ class ScpHandlers:
             response.Status = result.status
             if result.comment:
                 response.ErrorComment = result.comment[:64]
-        except Exception:  # noqa: BLE001 - answer a failure, never raise into pynetdicom
+        except Exception:
             log.exception("C-STORE handler failed")
             response = Dataset()
             response.Status = Status.PROCESSING_FAILURE

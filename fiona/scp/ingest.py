@@ -90,7 +90,7 @@ class Ingestor:
             return self._refuse(facts, Status.OUT_OF_RESOURCES, str(exc))
         except StorageError as exc:
             return self._refuse(facts, Status.OUT_OF_RESOURCES, str(exc))
-        except Exception as exc:  # noqa: BLE001 - the handler must answer, never raise
+        except Exception as exc:
             log.exception("store failed", association_id=facts.association_id)
             return self._refuse(
                 facts, Status.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}"
@@ -234,6 +234,6 @@ class Ingestor:
                     )
                 ]
             ).result(timeout=INDEX_TIMEOUT_SECONDS)
-        except Exception:  # noqa: BLE001 - the refusal is answered and logged regardless
+        except Exception:
             log.exception("cannot record refusal")
         return IngestResult(status, reason[:64])

@@ -56,11 +56,7 @@ def reconcile(
             removed += 1
 
     with session_factory() as session:
-        known = dict(
-            session.execute(
-                select(Instance.path, Instance.file_missing)
-            ).all()
-        )
+        known = dict(session.execute(select(Instance.path, Instance.file_missing)).all())
     on_disk: set[str] = set()
     indexed = unreadable = 0
     for path in spool.incoming.glob("*/*/*.dcm"):
@@ -129,5 +125,3 @@ def reconcile(
         unreadable=unreadable,
     )
     return result
-
-

@@ -17,7 +17,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom import config as pydicom_config
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -86,8 +86,7 @@ def open_node_services(config: FionaConfig, clock: Clock = utcnow) -> NodeServic
     writer = IndexWriter(session_factory, node_key)
     writer.start()
     ingestor = Ingestor(spool, writer, node_key, clock)
-    return NodeServices(config, engine, session_factory, spool, node_key, writer, ingestor,
-                        clock)
+    return NodeServices(config, engine, session_factory, spool, node_key, writer, ingestor, clock)
 
 
 def _config_digest(config: FionaConfig) -> str:
@@ -130,7 +129,11 @@ class Node:
         interval = max(0.2, min(1.0, config.stable_after_seconds / 4))
         self._scheduler = BackgroundScheduler(timezone="UTC")
         self._scheduler.add_job(
-            self._sweep, "interval", seconds=interval, max_instances=1, coalesce=True,
+            self._sweep,
+            "interval",
+            seconds=interval,
+            max_instances=1,
+            coalesce=True,
             id="stability-sweep",
         )
         self._scheduler.start()
@@ -181,7 +184,7 @@ class Node:
                 self.clock(),
                 self.config.stable_after_seconds,
             )
-        except Exception:  # noqa: BLE001 - retried at the next interval
+        except Exception:
             log.exception("stability sweep failed")
 
     def stop(self, grace_seconds: float = 30.0) -> None:

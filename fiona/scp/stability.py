@@ -95,8 +95,9 @@ def sweep(
             .where(Series.state == StudyState.STABLE, Series.metadata_written_at.is_(None))
         ).all()
     for series_id, series_uid, study_uid in pending:
-        if _write_series_metadata(session_factory, spool, series_id, study_uid, series_uid,
-                                  now, classify):
+        if _write_series_metadata(
+            session_factory, spool, series_id, study_uid, series_uid, now, classify
+        ):
             written += 1
     return SweepResult(len(studies), len(series_ids), written)
 
@@ -129,9 +130,7 @@ def _write_series_metadata(
     except Exception as exc:  # noqa: BLE001 - a bad file must not stop the sweeper
         log.warning("series metadata not written", error=type(exc).__name__)
         return False
-    connections = sorted(
-        {(r.calling_ae_title, r.called_ae_title, r.peer_address) for r in rows}
-    )
+    connections = sorted({(r.calling_ae_title, r.called_ae_title, r.peer_address) for r in rows})
     metadata = {
         **header,
         "NumFiles": len(rows),

@@ -7,9 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
-
 from fionatest import FionaServer, sample_file, write_study
+from pydicom import dcmread
 
 pytestmark = pytest.mark.integration
 
@@ -49,8 +48,13 @@ def test_import_folder_like_a_dvd(node: FionaServer, tmp_path: Path) -> None:
     assert report["quarantined"] == 1
     for path in files:
         ds = dcmread(path, stop_before_pixels=True)
-        stored = (node.storage / "incoming" / ds.StudyInstanceUID / ds.SeriesInstanceUID
-                  / f"{ds.SOPInstanceUID}.dcm")
+        stored = (
+            node.storage
+            / "incoming"
+            / ds.StudyInstanceUID
+            / ds.SeriesInstanceUID
+            / f"{ds.SOPInstanceUID}.dcm"
+        )
         assert stored.read_bytes() == path.read_bytes()
 
     again = node.cli("import", str(dvd / "DICOM" / "ST1"), check=False)

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from fionatest import make_ct, sample_file
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
@@ -30,7 +31,6 @@ from fiona.scp.recovery import reconcile
 from fiona.scp.server import NodeServices
 from fiona.scp.spool import Spool
 from fiona.scp.stability import sweep
-from fionatest import make_ct, sample_file
 
 pytestmark = pytest.mark.integration
 
@@ -71,8 +71,9 @@ def test_ingest_stores_exact_bytes_and_indexes(services: NodeServices) -> None:
     result = services.ingestor.ingest(put(services, source), FACTS)
     assert result.status == Status.SUCCESS and result.outcome is StoreOutcome.STORED
     ds = dcmread(source)
-    stored = services.spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID,
-                                          ds.SOPInstanceUID)
+    stored = services.spool.instance_path(
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    )
     assert stored.read_bytes() == source.read_bytes()
     with services.session_factory() as session:
         row = session.scalars(select(Instance)).one()
@@ -80,7 +81,10 @@ def test_ingest_stores_exact_bytes_and_indexes(services: NodeServices) -> None:
         assert row.sop_class_uid == ds.SOPClassUID
         assert row.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID
         assert (row.calling_ae_title, row.called_ae_title, row.peer_address) == (
-            "CT01", "FIONA", "127.0.0.1")
+            "CT01",
+            "FIONA",
+            "127.0.0.1",
+        )
         assert row.association_id == "assoc-1"
         assert row.modality == "CT"
         assert row.size_bytes == source.stat().st_size
@@ -152,8 +156,9 @@ def test_missing_uids_are_quarantined(services: NodeServices, tmp_path: Path, mi
         assert missing in session.scalars(select(QuarantinedFile.reason)).one()
 
 
-def test_uid_that_would_escape_the_spool_is_quarantined(services: NodeServices,
-                                                         tmp_path: Path) -> None:
+def test_uid_that_would_escape_the_spool_is_quarantined(
+    services: NodeServices, tmp_path: Path
+) -> None:
     with pytest.warns(UserWarning, match="Invalid value for VR UI"):
         ds = make_ct("../../../../tmp/evil", generate_uid())
     path = save(ds, tmp_path / "evil.dcm")
@@ -197,7 +202,8 @@ def test_stability_sweep_and_reopen(services: NodeServices, clock, tmp_path: Pat
     assert metadata["Modality"] == "CT"
     assert metadata["SeriesInstanceUID"] == series
     assert metadata["IncomingConnection"] == [
-        {"CallingAETitle": "CT01", "CalledAETitle": "FIONA", "PeerAddress": "127.0.0.1"}]
+        {"CallingAETitle": "CT01", "CalledAETitle": "FIONA", "PeerAddress": "127.0.0.1"}
+    ]
     assert metadata["ClassifyType"] == []
     assert "PatientName" not in metadata and "PatientID" not in metadata
     assert sweep(*args, clock(), 10).studies_stable == 0  # idempotent
@@ -248,5 +254,6 @@ def test_reconcile_after_a_crash(services: NodeServices, clock, tmp_path: Path) 
     assert services.ingestor.ingest(put(services, gone), FACTS).ok
     with services.session_factory() as session:
         row = session.scalars(
-            select(Instance).where(Instance.sop_instance_uid == gone_ds.SOPInstanceUID)).one()
+            select(Instance).where(Instance.sop_instance_uid == gone_ds.SOPInstanceUID)
+        ).one()
         assert row.file_missing is False

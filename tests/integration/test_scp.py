@@ -11,13 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
-from pynetdicom import AE, _config as pynetdicom_config, evt
-from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom.sop_class import CTImageStorage, Verification
-from sqlalchemy import create_engine, select, text
-
-from fiona.scu import set_nodelay
 from fionatest import (
     DCMTK,
     dataset_bytes,
@@ -26,6 +19,14 @@ from fionatest import (
     storescu,
     write_study,
 )
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
+from pynetdicom.sop_class import CTImageStorage, Verification
+from sqlalchemy import create_engine, text
+
+from fiona.scu import set_nodelay
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -74,22 +75,29 @@ def test_storescu_studies_are_stored_byte_exact(server, tmp_path: Path) -> None:
     result = storescu(server.port, files, calling="CT01")
     assert not store_failures(result), result.stdout + result.stderr
     # And to a project's AE title (mode B): accepted, recorded with that called AE.
-    result = storescu(server.port, [sample_file("MR_small.dcm")], called="BICAM",
-                      calling="MR01")
+    result = storescu(server.port, [sample_file("MR_small.dcm")], called="BICAM", calling="MR01")
     assert not store_failures(result)
 
     report = status(server)
     assert report["instances"] == 16
-    rows = index(server, "SELECT sop_instance_uid, path, calling_ae_title, called_ae_title, "
-                         "peer_address, transfer_syntax_uid FROM instances")
+    rows = index(
+        server,
+        "SELECT sop_instance_uid, path, calling_ae_title, called_ae_title, "
+        "peer_address, transfer_syntax_uid FROM instances",
+    )
     by_uid = {r[0]: r for r in rows}
     for path in files:
         ds = dcmread(path, stop_before_pixels=True)
         row = by_uid[ds.SOPInstanceUID]
         assert row[2:5] == ("CT01", "FIONA", "127.0.0.1")
         stored = server.storage / row[1]
-        assert stored == (server.storage / "incoming" / ds.StudyInstanceUID
-                          / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm")
+        assert stored == (
+            server.storage
+            / "incoming"
+            / ds.StudyInstanceUID
+            / ds.SeriesInstanceUID
+            / f"{ds.SOPInstanceUID}.dcm"
+        )
         assert dataset_bytes(stored) == dataset_bytes(path)  # never transcoded
         dcmread(stored)  # round-trips through a strict read
     mr = dcmread(sample_file("MR_small.dcm"), stop_before_pixels=True)
@@ -107,8 +115,11 @@ def test_compressed_transfer_syntaxes_are_stored_as_received(server, tmp_path: P
         result = storescu(server.port, [path], extra=(option,))
         assert not store_failures(result), f"{name}: {result.stdout}{result.stderr}"
         ds = dcmread(path, stop_before_pixels=True)
-        rows = index(server, "SELECT transfer_syntax_uid, path FROM instances "
-                             f"WHERE sop_instance_uid = '{ds.SOPInstanceUID}'")
+        rows = index(
+            server,
+            "SELECT transfer_syntax_uid, path FROM instances "
+            f"WHERE sop_instance_uid = '{ds.SOPInstanceUID}'",
+        )
         assert rows[0][0] == ds.file_meta.TransferSyntaxUID, name
         stored = server.storage / rows[0][1]
         assert dcmread(stored).file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
@@ -117,8 +128,9 @@ def test_compressed_transfer_syntaxes_are_stored_as_received(server, tmp_path: P
 def send_pynetdicom(port: int, files: list[Path], called: str = "FIONA") -> list[int]:
     ae = AE(ae_title="PYNETDICOM")
     ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    assoc = ae.associate(
+        "127.0.0.1", port, ae_title=called, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)]
+    )
     assert assoc.is_established
     try:
         return [int(assoc.send_c_store(dcmread(path)).Status) for path in files]
@@ -134,24 +146,52 @@ def test_many_parallel_associations(server, tmp_path: Path) -> None:  # type: ig
     report = status(server)
     assert report["instances"] == 96
     assert report["studies"]["RECEIVING"] + report["studies"]["STABLE"] == 8
-    associations = index(server, "SELECT instances_stored FROM associations "
-                                 "WHERE ended_at IS NOT NULL")
+    associations = index(
+        server, "SELECT instances_stored FROM associations WHERE ended_at IS NOT NULL"
+    )
     assert sorted(r[0] for r in associations) == [12] * 8
 
 
 def test_echo_and_rejections(server) -> None:  # type: ignore[no-untyped-def]
-    ok = subprocess.run([sys.executable, "-m", "fiona", "echo", "127.0.0.1", str(server.port),
-                         "--called-ae", "FIONA"], capture_output=True, text=True, check=False)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fiona",
+            "echo",
+            "127.0.0.1",
+            str(server.port),
+            "--called-ae",
+            "FIONA",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert ok.returncode == 0 and "success" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "fiona", "echo", "127.0.0.1", str(server.port),
-                          "--called-ae", "UNKNOWN"], capture_output=True, text=True, check=False)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fiona",
+            "echo",
+            "127.0.0.1",
+            str(server.port),
+            "--called-ae",
+            "UNKNOWN",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert bad.returncode == 1 and "rejected" in bad.stderr
     result = storescu(server.port, [sample_file("CT_small.dcm")], called="NOBODY")
     assert "Called AE Title Not Recognized" in result.stdout + result.stderr
     # The server keeps serving and recorded the rejections.
     assert storescu(server.port, [sample_file("CT_small.dcm")]).returncode == 0
-    reasons = index(server, "SELECT details FROM audit_events "
-                            "WHERE event_type = 'ASSOCIATION_REJECTED'")
+    reasons = index(
+        server, "SELECT details FROM audit_events WHERE event_type = 'ASSOCIATION_REJECTED'"
+    )
     assert len(reasons) == 2
     assert all("called AE title not recognised" in str(r[0]) for r in reasons)
 
@@ -216,13 +256,19 @@ def test_low_disk_rejects_associations_transiently(make_server) -> None:  # type
 def test_small_filesystem_fills_up_a700_then_keeps_serving(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     mount = tmp_path / "small"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
     try:
-        srv = make_server(storage={"path": str(mount), "min_free_mb": 2},
-                          database={"url": f"sqlite:///{tmp_path}/small.db"})
+        srv = make_server(
+            storage={"path": str(mount), "min_free_mb": 2},
+            database={"url": f"sqlite:///{tmp_path}/small.db"},
+        )
         srv.start()
         files = write_study(tmp_path / "big", 1, 12, size=512)  # 12 x 0.5 MB
         result = storescu(srv.port, files)
@@ -233,8 +279,12 @@ def test_small_filesystem_fills_up_a700_then_keeps_serving(make_server, tmp_path
         # Every stored instance is complete; the server still answers.
         for path in srv.storage.glob("incoming/*/*/*.dcm"):
             dcmread(path)
-        assert subprocess.run([str(DCMTK / "echoscu"), "-aec", "FIONA", "127.0.0.1",
-                               str(srv.port)], check=False).returncode == 0
+        assert (
+            subprocess.run(
+                [str(DCMTK / "echoscu"), "-aec", "FIONA", "127.0.0.1", str(srv.port)], check=False
+            ).returncode
+            == 0
+        )
         assert srv.stop() == 0
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)

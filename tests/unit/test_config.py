@@ -86,8 +86,12 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "fiona", *args], capture_output=True, text=True,
-        env={**os.environ, **(env or {})}, timeout=60, check=False,
+        [sys.executable, "-m", "fiona", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+        check=False,
     )
 
 
@@ -116,7 +120,13 @@ def test_fiona_config_environment_variable(tmp_path: Path) -> None:
 
 def test_no_config_at_all_exits_2(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "FIONA_CONFIG"}
-    result = subprocess.run([sys.executable, "-m", "fiona", "check"], capture_output=True,
-                            text=True, env=env, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "fiona", "check"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 2
     assert "FIONA_CONFIG" in result.stderr

@@ -16,8 +16,14 @@ def test_json_lines_with_phi_keys_redacted() -> None:
     structlog.reset_defaults()
     configure_logging("INFO", stream=stream)
     log = get_logger("test")
-    log.info("received", patient_name="Doe^Jane", PatientID="123456",
-             patient_birth_date="19700101", OtherPatientIDs="X", calling_ae_title="CT01")
+    log.info(
+        "received",
+        patient_name="Doe^Jane",
+        PatientID="123456",
+        patient_birth_date="19700101",
+        OtherPatientIDs="X",
+        calling_ae_title="CT01",
+    )
     line = stream.getvalue().strip().splitlines()[-1]
     record = json.loads(line)
     assert record["event"] == "received"

@@ -51,5 +51,5 @@ def test_free_space_floor(tmp_path: Path) -> None:
     spool = Spool(tmp_path, 0)
     spool.check_space()
     too_much = Spool(tmp_path, spool.free_bytes() // (1024 * 1024) + 10)
-    with pytest.raises(OutOfSpaceError, match="below storage.min_free_mb"):
+    with pytest.raises(OutOfSpaceError, match=r"below storage\.min_free_mb"):
         too_much.check_space()
