@@ -175,7 +175,15 @@ class FionaServer:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        wait_port(self.port, timeout, self.proc)
+        # Wait for the "listening" log line rather than probing the port: a bare TCP
+        # connection holds an association slot until the ACSE timeout.
+        deadline = time.monotonic() + timeout
+        while '"event": "listening"' not in self.log():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fiona serve exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fiona serve did not start:\n{self.log()}")
+            time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         assert self.proc is not None

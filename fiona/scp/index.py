@@ -18,6 +18,7 @@ from enum import Enum
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fiona.audit import audit_event
@@ -147,18 +148,23 @@ class IndexWriter:
             if batch:
                 self._commit(batch)
 
-    def _commit(self, batch: list[tuple[_Work, Future[Any]]]) -> None:
+    def _commit(self, batch: list[tuple[_Work, Future[Any]]], attempt: int = 1) -> None:
         try:
             with self._session_factory() as session, session.begin():
                 results = [work(session) for work, _ in batch]
         except Exception as exc:  # noqa: BLE001 - handed to the waiting caller
-            if len(batch) == 1:
-                log.error("index write failed", error=type(exc).__name__, detail=str(exc)[:300])
-                batch[0][1].set_exception(exc)
+            if len(batch) > 1:
+                # One bad item must not fail its neighbours: retry each on its own.
+                for item in batch:
+                    self._commit([item])
                 return
-            # One bad item must not fail its neighbours: retry each on its own.
-            for item in batch:
-                self._commit([item])
+            if attempt == 1 and isinstance(exc, IntegrityError | OperationalError):
+                # Another node inserted the same study/series meanwhile (PostgreSQL
+                # shared by several receivers), or the database was busy: try once more.
+                self._commit(batch, attempt=2)
+                return
+            log.error("index write failed", error=type(exc).__name__, detail=str(exc)[:300])
+            batch[0][1].set_exception(exc)
             return
         for (_, future), result in zip(batch, results, strict=True):
             future.set_result(result)

@@ -14,13 +14,14 @@ import pytest
 from fionatest import (
     DCMTK,
     dataset_bytes,
+    make_ct,
     sample_file,
     store_failures,
     storescu,
     write_study,
 )
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import CTImageStorage, Verification
@@ -357,4 +358,47 @@ def test_sigterm_finishes_in_flight_association(make_server, tmp_path: Path) -> 
     assert codes == [0] * len(files)
     srv.start()
     assert status(srv)["instances"] == len(files)
+    assert srv.stop() == 0
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_large_object_memory_stays_flat(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = make_server()
+    srv.start()
+    # Warm up (imports, first association), then note the peak so far.
+    assert not store_failures(storescu(srv.port, [sample_file("CT_small.dcm")]))
+    before = _peak_rss_mb(srv.proc.pid)
+    big = make_ct(generate_uid(), generate_uid(), size=512)
+    frames = 600  # 600 x 512 x 512 x 2 bytes = 300 MB of pixel data
+    big.NumberOfFrames = frames
+    big.PixelData = bytes(512 * 512 * 2 * frames)
+    path = tmp_path / "big.dcm"
+    big.save_as(path, enforce_file_format=True)
+    del big
+    result = storescu(srv.port, [path])
+    assert not store_failures(result), result.stdout + result.stderr
+    growth = _peak_rss_mb(srv.proc.pid) - before
+    assert growth < 100, f"server peak memory grew by {growth:.0f} MB for a 300 MB object"
+    assert status(srv)["instance_bytes"] > 300 * 2**20
+    assert srv.stop() == 0
+
+
+def test_max_associations_rejects_the_next_one(make_server) -> None:  # type: ignore[no-untyped-def]
+    srv = make_server(node={"max_associations": 1})
+    srv.start()
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    first = ae.associate("127.0.0.1", srv.port, ae_title="FIONA")
+    assert first.is_established
+    second = ae.associate("127.0.0.1", srv.port, ae_title="FIONA")
+    assert second.is_rejected
+    first.release()
+    rows = index(srv, "SELECT details FROM audit_events WHERE event_type = 'ASSOCIATION_REJECTED'")
+    assert len(rows) == 1 and "max_associations" in str(rows[0][0])
     assert srv.stop() == 0
