@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Receive benchmark: dcmtk ``storescu`` → dcmtk ``storescp`` / ``fiona serve`` / Orthanc.
 
-Sends the same synthetic CT corpus (default 2,000 instances of 512×512 16-bit, ~0.53 MB
+Sends the same synthetic CT corpus (default 2,000 instances of 512x512 16-bit, ~0.53 MB
 each, one study, synthetic UIDs and names) with ``/usr/bin/storescu`` to each target in
 turn, for several rounds, alternating the targets inside every round (the machine is shared
 and noisy, so only side-by-side ratios are meaningful). Reports per target the median
@@ -79,8 +79,7 @@ def make_corpus(folder: Path, count: int) -> list[Path]:
             if all(p.exists() for p in files):
                 return files
     import numpy as np
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.dataset import Dataset
+    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
     if folder.exists():
@@ -147,8 +146,16 @@ def make_corpus(folder: Path, count: int) -> list[Path]:
         name = f"CT{i + 1:06d}.dcm"
         ds.save_as(folder / name, enforce_file_format=True)
         names.append(name)
-    marker.write_text(json.dumps({"version": CORPUS_VERSION, "count": count,
-                                  "study_instance_uid": study_uid, "files": names}))
+    marker.write_text(
+        json.dumps(
+            {
+                "version": CORPUS_VERSION,
+                "count": count,
+                "study_instance_uid": study_uid,
+                "files": names,
+            }
+        )
+    )
     print(f"corpus ready in {time.monotonic() - t0:.1f} s", file=sys.stderr)
     return [folder / n for n in names]
 
@@ -162,12 +169,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime+stime of a process (all its threads), in seconds."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) seconds of a process (all threads, plus reaped children), seconds."""
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
-    # fields[0] is state (field 3); utime is field 14, stime field 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    # fields[0] is state (field 3); utime, stime, cutime, cstime are fields 14-17.
+    user = int(fields[11]) + int(fields[13])
+    system = int(fields[12]) + int(fields[14])
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -190,7 +199,10 @@ def wait_echo(port: int, called: str, proc: subprocess.Popen[Any], timeout: floa
             raise RuntimeError(f"server exited early with {proc.returncode}")
         r = subprocess.run(
             [ECHOSCU, "-aet", "BENCH", "-aec", called, "-to", "5", "-ta", "5", HOST, str(port)],
-            env=dcmtk_env(), capture_output=True, text=True, timeout=30,
+            env=dcmtk_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         if r.returncode == 0 and "E:" not in r.stdout + r.stderr:
             return
@@ -224,7 +236,7 @@ class Target:
         self.args = args
         self.port = free_port()
         self.proc: subprocess.Popen[Any] | None = None
-        self.log = open(workdir / f"{self.name}.log", "wb")
+        self.log = open(workdir / f"{self.name}.log", "wb")  # noqa: SIM115 - closed in stop()
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -234,8 +246,12 @@ class Target:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            self.command(), cwd=self.workdir, env=self.env(),
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            self.command(),
+            cwd=self.workdir,
+            env=self.env(),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         wait_echo(self.port, self.called_ae, self.proc, timeout=60)
 
@@ -264,7 +280,10 @@ class StoreSCP(Target):
     def command(self) -> list[str]:
         self.outdir = self.workdir / "received"
         self.outdir.mkdir()
-        return [STORESCP, "-aet", self.called_ae, "-od", str(self.outdir), str(self.port)]
+        # One process serves one association at a time: fork one per association when
+        # the corpus is sent over several (CPU of the reaped children is counted).
+        fork = ["--fork"] if self.args.parallel > 1 else []
+        return [STORESCP, *fork, "-aet", self.called_ae, "-od", str(self.outdir), str(self.port)]
 
     def received(self) -> int:
         return sum(1 for p in self.outdir.rglob("*") if p.is_file())
@@ -287,7 +306,7 @@ class Fiona(Target):
             f"  path: {spool}\n"
             "  min_free_mb: 512\n"
             "database:\n"
-            f"  url: \"sqlite:///{self.workdir / 'fiona.db'}\"\n"
+            f'  url: "sqlite:///{self.workdir / "fiona.db"}"\n'
             "stable_after_seconds: 600\n"
             "logging:\n"
             "  level: INFO\n"
@@ -302,7 +321,9 @@ class Fiona(Target):
     def received(self) -> int:
         r = subprocess.run(
             [sys.executable, "-m", "fiona", "status", "--json", "--config", str(self.config)],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if r.returncode != 0:
             raise RuntimeError(f"fiona status failed: {r.stderr[-500:]}")
@@ -323,13 +344,24 @@ class Orthanc(Target):
         storage = self.workdir / "orthanc-db"
         storage.mkdir()
         config = {
-            "Name": "bench", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
-            "StorageCompression": False, "Plugins": [], "HttpServerEnabled": True,
-            "HttpPort": self.http_port, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "DicomServerEnabled": True,
-            "DicomAet": self.called_ae, "DicomPort": self.port, "DicomCheckCalledAet": False,
-            "DicomAlwaysAllowStore": True, "DicomModalities": {}, "OrthancPeers": {},
-            "SaveJobs": False, "WebDavEnabled": False,
+            "Name": "bench",
+            "StorageDirectory": str(storage),
+            "IndexDirectory": str(storage),
+            "StorageCompression": False,
+            "Plugins": [],
+            "HttpServerEnabled": True,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomServerEnabled": True,
+            "DicomAet": self.called_ae,
+            "DicomPort": self.port,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomModalities": {},
+            "OrthancPeers": {},
+            "SaveJobs": False,
+            "WebDavEnabled": False,
         }
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(config, indent=1))
@@ -361,8 +393,7 @@ def _reader(stream: Any, sink: list[tuple[float, str]]) -> None:
         sink.append((time.monotonic(), raw.decode("utf-8", "replace").rstrip()))
 
 
-def send(files: list[Path], port: int, called_ae: str, parallel: int,
-         timeout: float) -> SendResult:
+def send(files: list[Path], port: int, called_ae: str, parallel: int, timeout: float) -> SendResult:
     """Send `files` with `parallel` storescu processes (one association each)."""
     chunks = [files[i::parallel] for i in range(parallel)]
     procs = []
@@ -371,11 +402,27 @@ def send(files: list[Path], port: int, called_ae: str, parallel: int,
     ru0 = os.times()
     t0 = time.monotonic()
     for chunk in chunks:
-        cmd = [STORESCU, "-v", "-aet", "BENCH", "-aec", called_ae, "-nh",
-               "-to", "10", "-ta", "30", "-td", "60", HOST, str(port),
-               *map(str, chunk)]
-        proc = subprocess.Popen(cmd, env=dcmtk_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+        cmd = [
+            STORESCU,
+            "-v",
+            "-aet",
+            "BENCH",
+            "-aec",
+            called_ae,
+            "-nh",
+            "-to",
+            "10",
+            "-ta",
+            "30",
+            "-td",
+            "60",
+            HOST,
+            str(port),
+            *map(str, chunk),
+        ]
+        proc = subprocess.Popen(
+            cmd, env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         sink: list[tuple[float, str]] = []
         th = threading.Thread(target=_reader, args=(proc.stdout, sink), daemon=True)
         th.start()
@@ -409,8 +456,9 @@ def send(files: list[Path], port: int, called_ae: str, parallel: int,
             if text.startswith(("E:", "F:")) or "Store Failed" in text:
                 errors.append(text)
     assoc_s = (max(ends) - min(starts)) if starts and len(ends) == len(procs) else t1 - t0
-    client_cpu = (ru1.children_user + ru1.children_system) - (ru0.children_user
-                                                                + ru0.children_system)
+    client_cpu = (ru1.children_user + ru1.children_system) - (
+        ru0.children_user + ru0.children_system
+    )
     return SendResult(t1 - t0, assoc_s, errors[:20], client_cpu, sent)
 
 
@@ -427,6 +475,8 @@ class RoundResult:
     assoc_s: float
     instances_per_s: float
     server_cpu_ms_per_instance: float
+    server_user_ms_per_instance: float
+    server_sys_ms_per_instance: float
     server_peak_rss_mb: float
     client_cpu_ms_per_instance: float
     received: int
@@ -437,8 +487,9 @@ class RoundResult:
     problems: list[str]
 
 
-def run_round(name: str, rnd: int, files: list[Path], args: argparse.Namespace,
-              scratch: Path) -> RoundResult:
+def run_round(
+    name: str, rnd: int, files: list[Path], args: argparse.Namespace, scratch: Path
+) -> RoundResult:
     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-r{rnd}-", dir=scratch))
     target = TARGETS[name](workdir, args)
     problems: list[str] = []
@@ -447,12 +498,21 @@ def run_round(name: str, rnd: int, files: list[Path], args: argparse.Namespace,
     startup_s = time.monotonic() - t_start
     try:
         if args.hold:
-            print(f"[hold] {name} pid {target.pid} port {target.port}; sending in "
-                  f"{args.hold} s", file=sys.stderr, flush=True)
+            print(
+                f"[hold] {name} pid {target.pid} port {target.port}; sending in {args.hold} s",
+                file=sys.stderr,
+                flush=True,
+            )
             time.sleep(args.hold)
-        cpu0 = cpu_seconds(target.pid)
+        cpu0 = cpu_times(target.pid)
         result = send(files, target.port, target.called_ae, args.parallel, args.send_timeout)
-        cpu1 = cpu_seconds(target.pid)
+        if name == "storescp" and args.parallel > 1:
+            # storescp --fork reaps its children (whose CPU then counts in its cutime and
+            # cstime) when it accepts the next association: send one C-ECHO.
+            time.sleep(0.2)
+            wait_echo(target.port, target.called_ae, target.proc, timeout=30)
+            time.sleep(0.3)
+        cpu1 = cpu_times(target.pid)
         rss = peak_rss_mb(target.pid)
         if name == "orthanc":
             received = target.received()
@@ -473,14 +533,24 @@ def run_round(name: str, rnd: int, files: list[Path], args: argparse.Namespace,
         problems.append(f"server exit status {code}")
     n = len(files)
     rr = RoundResult(
-        target=name, round=rnd, count=n, parallel=args.parallel,
-        wall_s=round(result.wall_s, 3), assoc_s=round(result.assoc_s, 3),
+        target=name,
+        round=rnd,
+        count=n,
+        parallel=args.parallel,
+        wall_s=round(result.wall_s, 3),
+        assoc_s=round(result.assoc_s, 3),
         instances_per_s=round(n / result.assoc_s, 1),
-        server_cpu_ms_per_instance=round((cpu1 - cpu0) * 1000 / n, 2),
+        server_cpu_ms_per_instance=round((sum(cpu1) - sum(cpu0)) * 1000 / n, 2),
+        server_user_ms_per_instance=round((cpu1[0] - cpu0[0]) * 1000 / n, 2),
+        server_sys_ms_per_instance=round((cpu1[1] - cpu0[1]) * 1000 / n, 2),
         server_peak_rss_mb=round(rss, 1),
         client_cpu_ms_per_instance=round(result.client_cpu_s * 1000 / n, 2),
-        received=received, stop_code=code, startup_s=round(startup_s, 2),
-        stop_s=round(stop_s, 2), ok=not problems, problems=problems,
+        received=received,
+        stop_code=code,
+        startup_s=round(startup_s, 2),
+        stop_s=round(stop_s, 2),
+        ok=not problems,
+        problems=problems,
     )
     if args.keep:
         print(f"  kept {workdir}", file=sys.stderr)
@@ -507,7 +577,14 @@ def summarise(results: list[RoundResult], targets: list[str]) -> list[dict[str, 
             "min_instances_per_s": min(rates),
             "max_instances_per_s": max(rates),
             "median_server_cpu_ms_per_instance": round(
-                statistics.median(r.server_cpu_ms_per_instance for r in mine), 2),
+                statistics.median(r.server_cpu_ms_per_instance for r in mine), 2
+            ),
+            "median_server_user_ms_per_instance": round(
+                statistics.median(r.server_user_ms_per_instance for r in mine), 2
+            ),
+            "median_server_sys_ms_per_instance": round(
+                statistics.median(r.server_sys_ms_per_instance for r in mine), 2
+            ),
             "max_server_peak_rss_mb": max(r.server_peak_rss_mb for r in mine),
         }
         if name == "storescp":
@@ -518,8 +595,11 @@ def summarise(results: list[RoundResult], targets: list[str]) -> list[dict[str, 
     for row in rows:
         if base and "median_instances_per_s" in row:
             row["ratio_to_storescp"] = round(row["median_instances_per_s"] / base, 2)
-            per_round = [r.instances_per_s / scp[r.round] for r in results
-                         if r.target == row["target"] and r.ok and r.round in scp]
+            per_round = [
+                r.instances_per_s / scp[r.round]
+                for r in results
+                if r.target == row["target"] and r.ok and r.round in scp
+            ]
             if per_round:
                 row["median_round_ratio_to_storescp"] = round(statistics.median(per_round), 2)
     return rows
@@ -527,43 +607,76 @@ def summarise(results: list[RoundResult], targets: list[str]) -> list[dict[str, 
 
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(f"\n{args.count} instances, {args.parallel} association(s), {args.rounds} round(s)")
-    print("| target | inst/s median (min–max) | × storescp (per-round median) | "
-          "server CPU ms/inst | server peak RSS MB | rounds ok |")
+    print(
+        "| target | inst/s median (min-max) | x storescp (per-round median) | "
+        "server CPU ms/inst (user+sys) | server peak RSS MB | rounds ok |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
         if not r.get("rounds_ok"):
             print(f"| {r['target']} | failed | | | | 0 |")
             continue
         ratio = r.get("ratio_to_storescp")
-        ratio_s = f"{ratio:.2f} ({r.get('median_round_ratio_to_storescp', 0):.2f})" \
-            if ratio is not None else "–"
-        print(f"| {r['target']} | {r['median_instances_per_s']:.0f} "
-              f"({r['min_instances_per_s']:.0f}–{r['max_instances_per_s']:.0f}) | {ratio_s} | "
-              f"{r['median_server_cpu_ms_per_instance']:.2f} | "
-              f"{r['max_server_peak_rss_mb']:.0f} | {r['rounds_ok']}/{r['rounds']} |")
+        ratio_s = (
+            f"{ratio:.2f} ({r.get('median_round_ratio_to_storescp', 0):.2f})"
+            if ratio is not None
+            else "-"
+        )
+        print(
+            f"| {r['target']} | {r['median_instances_per_s']:.0f} "
+            f"({r['min_instances_per_s']:.0f}-{r['max_instances_per_s']:.0f}) | {ratio_s} | "
+            f"{r['median_server_cpu_ms_per_instance']:.2f} "
+            f"({r['median_server_user_ms_per_instance']:.1f}+"
+            f"{r['median_server_sys_ms_per_instance']:.1f}) | "
+            f"{r['max_server_peak_rss_mb']:.0f} | {r['rounds_ok']}/{r['rounds']} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--count", type=int, default=2000, help="instances to send (default 2000)")
     p.add_argument("--rounds", type=int, default=3, help="rounds per target (default 3)")
-    p.add_argument("--parallel", type=int, default=1,
-                   help="storescu processes (associations) splitting the corpus")
-    p.add_argument("--targets", default=",".join(ALL_TARGETS),
-                   help=f"comma-separated subset of {','.join(ALL_TARGETS)}")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="storescu processes (associations) splitting the corpus",
+    )
+    p.add_argument(
+        "--targets",
+        default=",".join(ALL_TARGETS),
+        help=f"comma-separated subset of {','.join(ALL_TARGETS)}",
+    )
     p.add_argument("--json", type=Path, help="write per-round results and summary here")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="corpus cache folder")
-    p.add_argument("--scratch", type=Path, default=OUT / "rounds",
-                   help="parent of the per-round server folders (deleted after each round)")
-    p.add_argument("--fiona-pdu", type=int, default=1048576,
-                   help="FIONA node.maximum_pdu_size (default 1048576, FIONA's default)")
-    p.add_argument("--send-timeout", type=float, default=900.0,
-                   help="kill storescu after this many seconds (bounded runtime)")
+    p.add_argument(
+        "--scratch",
+        type=Path,
+        default=OUT / "rounds",
+        help="parent of the per-round server folders (deleted after each round)",
+    )
+    p.add_argument(
+        "--fiona-pdu",
+        type=int,
+        default=1048576,
+        help="FIONA node.maximum_pdu_size (default 1048576, FIONA's default)",
+    )
+    p.add_argument(
+        "--send-timeout",
+        type=float,
+        default=900.0,
+        help="kill storescu after this many seconds (bounded runtime)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the per-round server folders")
-    p.add_argument("--hold", type=float, default=0.0,
-                   help="seconds to wait after a server is up before sending (to attach a "
-                        "profiler to the printed pid)")
+    p.add_argument(
+        "--hold",
+        type=float,
+        default=0.0,
+        help="seconds to wait after a server is up before sending (to attach a "
+        "profiler to the printed pid)",
+    )
     args = p.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = [t for t in targets if t not in TARGETS]
@@ -571,8 +684,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown targets {unknown}; choose from {ALL_TARGETS}")
     if args.parallel < 1 or args.count < args.parallel:
         p.error("--parallel must be >= 1 and <= --count")
-    for tool in (STORESCU, ECHOSCU) + ((STORESCP,) if "storescp" in targets else ()) + (
-            (ORTHANC,) if "orthanc" in targets else ()):
+    for tool in (
+        (STORESCU, ECHOSCU)
+        + ((STORESCP,) if "storescp" in targets else ())
+        + ((ORTHANC,) if "orthanc" in targets else ())
+    ):
         if not os.access(tool, os.X_OK):
             p.error(f"{tool} is missing (apt-get install dcmtk orthanc)")
 
@@ -583,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(f, "rb") as fh:
             while fh.read(1 << 20):
                 pass
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     results: list[RoundResult] = []
     for rnd in range(1, args.rounds + 1):
         # Rotate the order so that no target always runs first (or after the same one).
@@ -593,28 +709,58 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 rr = run_round(name, rnd, files, args, args.scratch)
             except Exception as exc:  # noqa: BLE001 - report and go on with the next one
-                rr = RoundResult(name, rnd, len(files), args.parallel, 0, 0, 0, 0, 0, 0, 0, -1,
-                                 0, 0, False, [f"{type(exc).__name__}: {exc}"])
+                rr = RoundResult(
+                    name,
+                    rnd,
+                    len(files),
+                    args.parallel,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    -1,
+                    0,
+                    0,
+                    False,
+                    [f"{type(exc).__name__}: {exc}"],
+                )
             results.append(rr)
             status = "ok" if rr.ok else "FAILED: " + "; ".join(rr.problems[:3])
-            print(f"round {rnd} {name:9s} {rr.instances_per_s:7.1f} inst/s  "
-                  f"assoc {rr.assoc_s:6.2f} s wall {rr.wall_s:6.2f} s  "
-                  f"cpu {rr.server_cpu_ms_per_instance:5.2f} ms/inst  "
-                  f"rss {rr.server_peak_rss_mb:6.1f} MB  up {rr.startup_s:.1f} s "
-                  f"stop {rr.stop_s:.1f} s  {status}", flush=True)
+            print(
+                f"round {rnd} {name:9s} {rr.instances_per_s:7.1f} inst/s  "
+                f"assoc {rr.assoc_s:6.2f} s wall {rr.wall_s:6.2f} s  "
+                f"cpu {rr.server_cpu_ms_per_instance:5.2f} ms/inst  "
+                f"rss {rr.server_peak_rss_mb:6.1f} MB  up {rr.startup_s:.1f} s "
+                f"stop {rr.stop_s:.1f} s  {status}",
+                flush=True,
+            )
     rows = summarise(results, targets)
     print_table(rows, args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "started_utc": started.isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                        "python": platform.python_version()},
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "summary": rows,
-            "rounds": [asdict(r) for r in results],
-        }, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "started_utc": started.isoformat(timespec="seconds"),
+                    "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                    "machine": {
+                        "cpus": os.cpu_count(),
+                        "platform": platform.platform(),
+                        "python": platform.python_version(),
+                    },
+                    "args": {
+                        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                    },
+                    "summary": rows,
+                    "rounds": [asdict(r) for r in results],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -1,0 +1,382 @@
+#!/usr/bin/env python3
+"""Where does FIONA's receive time go?  A timing harness plus what-if variants.
+
+Runs FIONA's receiving :class:`~fiona.scp.server.Node` in-process (one fresh process per
+run), wraps the stages of the C-STORE path with timers — nothing under ``fiona/`` is
+edited, the wrappers are installed from here — and sends the benchmark corpus with
+``/usr/bin/storescu`` (one association). Variants switch one cost off at a time to measure
+what it costs in wall time and CPU (they are what-ifs, not proposals: "no-file-fsync"
+breaks FIONA's durability promise):
+
+* ``baseline``       FIONA as configured (1 MB PDU, fsync + rename + dir fsync, SQLite FULL)
+* ``no-file-fsync``  os.fsync of the received file and its folder is a no-op
+* ``sqlite-normal``  PRAGMA synchronous=NORMAL instead of FULL (WAL: no fsync per commit)
+* ``fast-poll``      pynetdicom's 1 ms reactor/DUL poll sleeps shortened to 0.05 ms
+* ``no-digest``      the SHA-256 of the received file is skipped (digest column = "x")
+* ``pdu-16k`` / ``pdu-128k``  node.maximum_pdu_size 16384 / 131072
+* ``all-off``        no-file-fsync + sqlite-normal + fast-poll (an upper bound)
+
+Usage::
+
+    python bench/profile_receive.py --count 1000 --rounds 3 --variants baseline,fast-poll
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import receive  # noqa: E402  (bench/receive.py: corpus and storescu helpers)
+
+VARIANTS = (
+    "baseline",
+    "no-file-fsync",
+    "sqlite-normal",
+    "fast-poll",
+    "no-digest",
+    "pdu-16k",
+    "pdu-128k",
+    "all-off",
+)
+
+
+# -- the child: one node, one transfer ---------------------------------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.durations: dict[str, list[float]] = {}
+        self.marks: dict[str, list[float]] = {}
+        self.batches: list[int] = []
+
+    def add(self, name: str, seconds: float) -> None:
+        self.durations.setdefault(name, []).append(seconds)
+
+    def mark(self, name: str) -> None:
+        self.marks.setdefault(name, []).append(time.perf_counter())
+
+
+def timed(rec: Recorder, name: str, func: Any) -> Any:
+    def wrapper(*a: Any, **kw: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return func(*a, **kw)
+        finally:
+            rec.add(name, time.perf_counter() - t0)
+
+    wrapper.__wrapped__ = func  # type: ignore[attr-defined]
+    return wrapper
+
+
+def install(rec: Recorder, variant: str) -> None:
+    """Timing wrappers and the variant's patch (module attributes, this process only)."""
+    import time as _time
+
+    import pynetdicom.association
+    import pynetdicom.dimse
+    import pynetdicom.dul
+
+    from fiona.db import engine as db_engine
+    from fiona.scp import handlers, index, ingest, spool
+
+    ingest.read_header = timed(rec, "header parse (read_header)", ingest.read_header)
+    if variant == "no-digest":
+
+        def no_digest(path: Any) -> tuple[str, int]:
+            return "x", os.stat(path).st_size
+
+        ingest.file_digest = timed(rec, "sha256 digest (file_digest)", no_digest)
+    else:
+        ingest.file_digest = timed(rec, "sha256 digest (file_digest)", ingest.file_digest)
+    spool.Spool.commit_file = timed(
+        rec, "fsync+rename+dir fsync (commit_file)", spool.Spool.commit_file
+    )
+    spool.Spool.check_space = timed(rec, "free-space check (statvfs)", spool.Spool.check_space)
+    ingest.Ingestor.ingest = timed(rec, "ingest total", ingest.Ingestor.ingest)
+
+    original_index = index.IndexWriter.index_instance
+
+    class TimedFuture:
+        def __init__(self, fut: Any) -> None:
+            self._fut = fut
+
+        def result(self, timeout: float | None = None) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return self._fut.result(timeout)
+            finally:
+                rec.add("index commit wait (writer round trip)", time.perf_counter() - t0)
+
+    index.IndexWriter.index_instance = lambda self, record: TimedFuture(  # type: ignore
+        original_index(self, record)
+    )
+    original_commit = index.IndexWriter._commit
+
+    def commit(self: Any, batch: list[Any]) -> None:
+        rec.batches.append(len(batch))
+        t0 = time.perf_counter()
+        try:
+            original_commit(self, batch)
+        finally:
+            rec.add("writer transaction (all work + commit)", time.perf_counter() - t0)
+
+    index.IndexWriter._commit = commit  # type: ignore[method-assign]
+
+    original_store = handlers.ScpHandlers.handle_store
+
+    def handle_store(self: Any, event: Any) -> Any:
+        rec.mark("handler_in")
+        t0 = time.perf_counter()
+        try:
+            return original_store(self, event)
+        finally:
+            rec.add("handle_store total", time.perf_counter() - t0)
+            rec.mark("handler_out")
+
+    handlers.ScpHandlers.handle_store = handle_store  # type: ignore[method-assign]
+
+    original_recv = pynetdicom.dimse.DIMSEServiceProvider.receive_primitive
+
+    def receive_primitive(self: Any, primitive: Any) -> None:
+        before = self.msg_queue.qsize()
+        t0 = time.perf_counter()
+        original_recv(self, primitive)
+        rec.add("pynetdicom P-DATA handling (DUL thread)", time.perf_counter() - t0)
+        if self.msg_queue.qsize() > before:
+            rec.mark("msg_ready")
+
+    pynetdicom.dimse.DIMSEServiceProvider.receive_primitive = receive_primitive
+
+    original_send = pynetdicom.dul.DULServiceProvider._send
+
+    def dul_send(self: Any, pdu: Any) -> None:
+        original_send(self, pdu)
+        rec.mark("pdu_sent")
+
+    pynetdicom.dul.DULServiceProvider._send = dul_send  # type: ignore[method-assign]
+
+    if variant in ("no-file-fsync", "all-off"):
+        spool.os.fsync = lambda fd: None  # only FIONA's Python code calls os.fsync here
+    if variant in ("sqlite-normal", "all-off"):
+
+        def pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cur = dbapi_connection.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        db_engine._sqlite_pragmas = pragmas
+    if variant in ("fast-poll", "all-off"):
+
+        class FastTime:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(_time, name)
+
+            @staticmethod
+            def sleep(seconds: float) -> None:
+                _time.sleep(min(seconds, 0.00005) if seconds <= 0.001 else seconds)
+
+        pynetdicom.association.time = FastTime()  # type: ignore[assignment]
+        pynetdicom.dul.time = FastTime()  # type: ignore[assignment]
+
+
+def cycle_breakdown(rec: Recorder) -> dict[str, float]:
+    """Split each instance's cycle (handler entry → next handler entry) into phases."""
+    hin, hout = rec.marks.get("handler_in", []), rec.marks.get("handler_out", [])
+    sent, ready = rec.marks.get("pdu_sent", []), rec.marks.get("msg_ready", [])
+    phases: dict[str, list[float]] = {
+        "A handler (handle_store)": [],
+        "B handler return → response PDU sent (pynetdicom, DUL poll)": [],
+        "C response sent → next request complete (storescu, network, DUL receive+tmp write)": [],
+        "D request complete → handler entered (association reactor poll, C-STORE setup)": [],
+    }
+    import bisect
+
+    for i in range(len(hin) - 1):
+        t_in, t_out, t_next = hin[i], hout[i], hin[i + 1]
+        j = bisect.bisect_right(sent, t_out)
+        k = bisect.bisect_right(ready, t_out)
+        if j >= len(sent) or k >= len(ready):
+            continue
+        t_sent, t_ready = sent[j], ready[k]
+        if not (t_out <= t_sent <= t_ready <= t_next):
+            continue
+        phases["A handler (handle_store)"].append(t_out - t_in)
+        phases["B handler return → response PDU sent (pynetdicom, DUL poll)"].append(t_sent - t_out)
+        phases[
+            "C response sent → next request complete (storescu, network, DUL receive+tmp write)"
+        ].append(t_ready - t_sent)
+        phases[
+            "D request complete → handler entered (association reactor poll, C-STORE setup)"
+        ].append(t_next - t_ready)
+    return {k: statistics.mean(v) * 1000 for k, v in phases.items() if v}
+
+
+def child(args: argparse.Namespace) -> int:
+    from fiona.config import load_config
+    from fiona.logs import configure_logging
+    from fiona.scp.server import Node
+
+    rec = Recorder()
+    install(rec, args.child)
+    files = receive.make_corpus(args.corpus, args.count)
+    workdir = Path(tempfile.mkdtemp(prefix=f"profile-{args.child}-", dir=args.scratch))
+    port = receive.free_port()
+    pdu = {"pdu-16k": 16384, "pdu-128k": 131072}.get(args.child, 1048576)
+    cfg = workdir / "fiona.yaml"
+    cfg.write_text(
+        f"node: {{ae_title: FIONA, host: '127.0.0.1', port: {port}, "
+        f"maximum_pdu_size: {pdu}}}\n"
+        f"storage: {{path: '{workdir / 'spool'}'}}\n"
+        f"database: {{url: 'sqlite:///{workdir / 'fiona.db'}'}}\n"
+        "stable_after_seconds: 600\nlogging: {level: INFO}\n"
+    )
+    config = load_config(cfg)
+    log_stream = open(workdir / "node.log", "w")  # noqa: SIM115 - lives as long as the node
+    configure_logging("WARNING", stream=log_stream)
+    node = Node(config)
+    node.start()
+    try:
+        t_cpu0 = os.times()
+        result = receive.send(files, port, "FIONA", 1, args.send_timeout)
+        t_cpu1 = os.times()
+    finally:
+        node.stop(5)
+    n = len(files)
+    cpu = (t_cpu1.user + t_cpu1.system) - (t_cpu0.user + t_cpu0.system)
+    stages = {
+        k: {
+            "mean_ms": statistics.mean(v) * 1000,
+            "median_ms": statistics.median(v) * 1000,
+            "calls": len(v),
+        }
+        for k, v in rec.durations.items()
+    }
+    out = {
+        "variant": args.child,
+        "count": n,
+        "errors": result.errors,
+        "sent": result.sent,
+        "instances_per_s": n / result.assoc_s,
+        "server_cpu_ms_per_instance": cpu * 1000 / n,
+        "stages": stages,
+        "cycle_ms": cycle_breakdown(rec),
+        "writer_batch_mean": statistics.mean(rec.batches) if rec.batches else 0,
+    }
+    subprocess.run(["rm", "-rf", str(workdir)], check=False)
+    print(json.dumps(out))
+    return 0
+
+
+# -- the parent: alternate variants, summarise -----------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--count", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--variants", default="baseline,no-file-fsync,sqlite-normal,fast-poll,no-digest,all-off"
+    )
+    p.add_argument("--corpus", type=Path, default=receive.DEFAULT_CORPUS)
+    p.add_argument("--scratch", type=Path, default=receive.OUT / "rounds")
+    p.add_argument("--send-timeout", type=float, default=600.0)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    if args.child:
+        return child(args)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        p.error(f"unknown variants {bad}; choose from {VARIANTS}")
+    receive.make_corpus(args.corpus, args.count)
+    runs: list[dict[str, Any]] = []
+    for rnd in range(1, args.rounds + 1):
+        k = (rnd - 1) % len(variants)
+        for variant in variants[k:] + variants[:k]:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                variant,
+                "--count",
+                str(args.count),
+                "--corpus",
+                str(args.corpus),
+                "--scratch",
+                str(args.scratch),
+                "--send-timeout",
+                str(args.send_timeout),
+            ]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.send_timeout + 120)
+            try:
+                out = json.loads(r.stdout.strip().splitlines()[-1])
+            except (IndexError, json.JSONDecodeError):
+                print(f"round {rnd} {variant}: FAILED\n{r.stderr[-2000:]}", file=sys.stderr)
+                continue
+            out["round"] = rnd
+            runs.append(out)
+            ok = (
+                "ok"
+                if not out["errors"] and out["sent"] == out["count"]
+                else f"ERRORS {out['errors'][:2]}"
+            )
+            print(
+                f"round {rnd} {variant:14s} {out['instances_per_s']:6.1f} inst/s  "
+                f"cpu {out['server_cpu_ms_per_instance']:5.2f} ms/inst  {ok}",
+                flush=True,
+            )
+            os.sync()
+    print("\n| variant | inst/s median | wall ms/inst | Δ wall ms/inst vs baseline | CPU ms/inst |")
+    print("|---|---|---|---|---|")
+    med: dict[str, tuple[float, float]] = {}
+    for v in variants:
+        mine = [r for r in runs if r["variant"] == v]
+        if mine:
+            med[v] = (
+                statistics.median(r["instances_per_s"] for r in mine),
+                statistics.median(r["server_cpu_ms_per_instance"] for r in mine),
+            )
+    base = med.get("baseline")
+    for v, (rate, cpu) in med.items():
+        delta = f"{1000 / rate - 1000 / base[0]:+.2f}" if base else ""
+        print(f"| {v} | {rate:.0f} | {1000 / rate:.2f} | {delta} | {cpu:.2f} |")
+    for v in variants:
+        mine = [r for r in runs if r["variant"] == v]
+        if not mine:
+            continue
+        print(f"\n{v}: per-instance stage times (mean ms, median over rounds)")
+        names = list(mine[0]["stages"])
+        for name in names:
+            vals = [r["stages"][name]["mean_ms"] for r in mine if name in r["stages"]]
+            print(f"  {name:55s} {statistics.median(vals):7.3f}")
+        print("  cycle (handler entry → next handler entry):")
+        for name in mine[0]["cycle_ms"]:
+            vals = [r["cycle_ms"][name] for r in mine if name in r["cycle_ms"]]
+            print(f"    {name:85s} {statistics.median(vals):7.3f}")
+        print(
+            f"  writer batch size (mean): "
+            f"{statistics.median(r['writer_batch_mean'] for r in mine):.2f}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(runs, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
