@@ -632,6 +632,28 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         )
 
 
+def git_state() -> str:
+    """The commit measured, and whether fiona/ had uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "fiona"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return f"{head}{' (fiona/ modified)' if dirty else ''}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -746,6 +768,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "started_utc": started.isoformat(timespec="seconds"),
                     "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                    "fiona_tree": git_state(),
                     "machine": {
                         "cpus": os.cpu_count(),
                         "platform": platform.platform(),
