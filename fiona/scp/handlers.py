@@ -28,6 +28,8 @@ __all__ = ["AssociationContext", "Rejection", "ScpHandlers"]
 
 log = get_logger(__name__)
 
+DUL_POLL_SECONDS = 0.0002
+
 
 @dataclass
 class AssociationContext:
@@ -95,13 +97,20 @@ class ScpHandlers:
     # -- event handlers ---------------------------------------------------------------
 
     def handle_conn_open(self, event: Any) -> None:
-        """Set TCP_NODELAY: with Nagle on, each C-STORE response waits ~40 ms."""
+        """Tune the new connection for latency.
+
+        TCP_NODELAY: with Nagle on, each C-STORE response waits ~40 ms for a delayed ACK.
+        pynetdicom's DUL thread sleeps ``_run_loop_delay`` (1 ms) whenever it finds
+        nothing to do, which adds up to ~1 ms to every response; 0.2 ms cuts that at the
+        price of more wake-ups while an association is open (pynetdicom 3.0.4 internals).
+        """
         try:
             sock = event.assoc.dul.socket.socket
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
 
     def handle_requested(self, event: Any) -> None:
         assoc = event.assoc

@@ -13,11 +13,11 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -34,11 +34,22 @@ from fiona.keys import keyed_hash
 from fiona.logs import get_logger
 from fiona.scp.header import InstanceHeader
 
-__all__ = ["IndexWriter", "InstanceRecord", "StoreOutcome"]
+__all__ = ["TOUCH_INTERVAL", "IndexWriter", "InstanceRecord", "StoreOutcome"]
 
 log = get_logger(__name__)
 
 _MAX_BATCH = 256
+_MAX_CACHED_IDS = 100_000
+
+# Built once: statement construction costs more than executing it on SQLite.
+_INSTANCES = cast(Table, Instance.__table__)
+_INSTANCE_LOOKUP = select(
+    _INSTANCES.c.id, _INSTANCES.c.digest, _INSTANCES.c.file_missing, _INSTANCES.c.version
+).where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
+_INSTANCE_INSERT = insert(_INSTANCES)
+
+TOUCH_INTERVAL = timedelta(seconds=1)
+"""How stale a study's/series' ``last_received_at`` may be; the stability sweep adds it."""
 
 
 class StoreOutcome(Enum):
@@ -86,6 +97,13 @@ class IndexWriter:
         self._queue: queue.Queue[tuple[_Work, Future[Any]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="fiona-index-writer", daemon=True)
         self._started = False
+        # UID -> row id of studies and series; only the writer thread touches these.
+        self._study_ids: dict[str, int] = {}
+        self._series_ids: dict[str, int] = {}
+        self._pending_ids: list[tuple[dict[str, int], str, int]] = []
+        # (kind, row id) -> when its last_received_at was last written by this writer.
+        self._touched: dict[tuple[str, int], datetime] = {}
+        self._pending_touches: list[tuple[tuple[str, int], datetime]] = []
 
     def start(self) -> None:
         if not self._started:
@@ -149,10 +167,14 @@ class IndexWriter:
                 self._commit(batch)
 
     def _commit(self, batch: list[tuple[_Work, Future[Any]]], attempt: int = 1) -> None:
+        self._pending_ids.clear()
+        self._pending_touches.clear()
         try:
             with self._session_factory() as session, session.begin():
                 results = [work(session) for work, _ in batch]
         except Exception as exc:  # noqa: BLE001 - handed to the waiting caller
+            self._pending_ids.clear()
+            self._pending_touches.clear()
             if len(batch) > 1:
                 # One bad item must not fail its neighbours: retry each on its own.
                 for item in batch:
@@ -166,38 +188,52 @@ class IndexWriter:
             log.error("index write failed", error=type(exc).__name__, detail=str(exc)[:300])
             batch[0][1].set_exception(exc)
             return
+        for cache, uid, row_id in self._pending_ids:
+            if len(cache) > _MAX_CACHED_IDS:
+                cache.clear()
+            cache[uid] = row_id
+        self._pending_ids.clear()
+        if len(self._touched) > _MAX_CACHED_IDS:
+            self._touched.clear()
+        self._touched.update(self._pending_touches)
+        self._pending_touches.clear()
         for (_, future), result in zip(batch, results, strict=True):
             future.set_result(result)
 
     # -- the instance upsert ---------------------------------------------------------------
 
     def _apply_instance(self, session: Session, record: InstanceRecord) -> StoreOutcome:
+        """Index one instance with as few statements as possible.
+
+        This runs once per received instance. In the steady state it is a lookup and an
+        insert: study and series ids are cached (rows never move), and their
+        ``last_received_at`` is written at most every :data:`TOUCH_INTERVAL` seconds — the
+        stability sweep allows for that slack, so a study is never declared stable early,
+        and any instance arriving after it was declared stable touches (re-opens) it.
+        Counts are taken when a study becomes stable.
+        """
         header = record.header
         now = record.received_at
-        existing = session.scalars(
-            select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
+        connection = session.connection()
+        existing = connection.execute(
+            _INSTANCE_LOOKUP, {"uid": header.sop_instance_uid}
         ).one_or_none()
         if existing is not None and existing.digest == record.digest and not existing.file_missing:
             return StoreOutcome.DUPLICATE
-
-        study = session.scalars(
-            select(Study).where(Study.study_instance_uid == header.study_instance_uid)
-        ).one_or_none()
         study_key = keyed_hash(self._node_key, header.study_instance_uid)
-        if study is None:
-            study = Study(
-                study_instance_uid=header.study_instance_uid,
-                state=StudyState.RECEIVING,
-                first_received_at=now,
-                last_received_at=now,
-                instance_count=0,
-                reopened_count=0,
-            )
-            session.add(study)
-            session.flush()
-        else:
-            if study.state is StudyState.STABLE:
-                study.reopened_count += 1
+
+        study_id = self._study_id(session, header.study_instance_uid, now)
+        if self._due(("study", study_id), now):
+            reopened = session.execute(  # type: ignore[attr-defined]  # a CursorResult
+                update(Study)
+                .where(Study.id == study_id, Study.state == StudyState.STABLE)
+                .values(
+                    state=StudyState.RECEIVING,
+                    reopened_count=Study.reopened_count + 1,
+                    last_received_at=now,
+                )
+            ).rowcount
+            if reopened:
                 session.add(
                     audit_event(
                         AuditEventType.STUDY_REOPENED,
@@ -207,88 +243,117 @@ class IndexWriter:
                         association_id=record.association_id,
                     )
                 )
-            study.state = StudyState.RECEIVING
-            study.last_received_at = max(study.last_received_at, now)
-
-        series = session.scalars(
-            select(Series).where(Series.series_instance_uid == header.series_instance_uid)
-        ).one_or_none()
-        if series is None:
-            series = Series(
-                study_id=study.id,
-                series_instance_uid=header.series_instance_uid,
-                modality=header.modality,
-                state=StudyState.RECEIVING,
-                last_received_at=now,
-                instance_count=0,
-            )
-            session.add(series)
-            session.flush()
-        else:
-            series.state = StudyState.RECEIVING
-            series.last_received_at = max(series.last_received_at, now)
-            series.metadata_written_at = None
-
-        if existing is None:
-            study.instance_count += 1
-            series.instance_count += 1
-            session.add(
-                Instance(
-                    study_id=study.id,
-                    series_id=series.id,
-                    sop_instance_uid=header.sop_instance_uid,
-                    sop_class_uid=header.sop_class_uid,
-                    transfer_syntax_uid=header.transfer_syntax_uid,
-                    modality=header.modality,
-                    calling_ae_title=record.calling_ae_title,
-                    called_ae_title=record.called_ae_title,
-                    peer_address=record.peer_address,
-                    association_id=record.association_id,
-                    received_at=now,
-                    size_bytes=record.size_bytes,
-                    digest=record.digest,
-                    path=record.path,
-                    version=1,
-                    state=InstanceState.RECEIVED,
-                    file_missing=False,
+            else:
+                session.execute(
+                    update(Study).where(Study.id == study_id).values(last_received_at=now)
                 )
+        series_id = self._series_id(session, study_id, header, now)
+        if self._due(("series", series_id), now):
+            session.execute(
+                update(Series)
+                .where(Series.id == series_id)
+                .values(state=StudyState.RECEIVING, last_received_at=now, metadata_written_at=None)
+            )
+        values = {
+            "study_id": study_id,
+            "series_id": series_id,
+            "sop_class_uid": header.sop_class_uid,
+            "transfer_syntax_uid": header.transfer_syntax_uid,
+            "modality": header.modality,
+            "calling_ae_title": record.calling_ae_title,
+            "called_ae_title": record.called_ae_title,
+            "peer_address": record.peer_address,
+            "association_id": record.association_id,
+            "received_at": now,
+            "size_bytes": record.size_bytes,
+            "digest": record.digest,
+            "path": record.path,
+            "state": InstanceState.RECEIVED,
+            "file_missing": False,
+        }
+        if existing is None:
+            connection.execute(
+                _INSTANCE_INSERT,
+                {"sop_instance_uid": header.sop_instance_uid, "version": 1, **values},
             )
             return StoreOutcome.STORED
-
-        previous_digest = existing.digest
-        was_missing = existing.file_missing
-        for name, value in (
-            ("study_id", study.id),
-            ("series_id", series.id),
-            ("sop_class_uid", header.sop_class_uid),
-            ("transfer_syntax_uid", header.transfer_syntax_uid),
-            ("modality", header.modality),
-            ("calling_ae_title", record.calling_ae_title),
-            ("called_ae_title", record.called_ae_title),
-            ("peer_address", record.peer_address),
-            ("association_id", record.association_id),
-            ("received_at", now),
-            ("size_bytes", record.size_bytes),
-            ("digest", record.digest),
-            ("path", record.path),
-            ("state", InstanceState.RECEIVED),
-            ("file_missing", False),
-        ):
-            setattr(existing, name, value)
-        if previous_digest != record.digest:
-            existing.version += 1
-            session.add(
-                audit_event(
-                    AuditEventType.INSTANCE_REPLACED,
-                    actor=record.calling_ae_title,
-                    occurred_at=now,
-                    study_key=study_key,
-                    association_id=record.association_id,
-                    version=existing.version,
-                    previous_digest=previous_digest,
-                    digest=record.digest,
-                    file_was_missing=was_missing,
-                )
+        replaced = existing.digest != record.digest
+        version = existing.version + (1 if replaced else 0)
+        session.execute(
+            update(Instance).where(Instance.id == existing.id).values(version=version, **values)
+        )
+        if not replaced:  # same bytes, but the file had gone missing: restored
+            return StoreOutcome.STORED
+        session.add(
+            audit_event(
+                AuditEventType.INSTANCE_REPLACED,
+                actor=record.calling_ae_title,
+                occurred_at=now,
+                study_key=study_key,
+                association_id=record.association_id,
+                version=version,
+                previous_digest=existing.digest,
+                digest=record.digest,
+                file_was_missing=existing.file_missing,
             )
-            return StoreOutcome.REPLACED
-        return StoreOutcome.STORED
+        )
+        return StoreOutcome.REPLACED
+
+    def _due(self, key: tuple[str, int], now: datetime) -> bool:
+        """Whether a study/series row's ``last_received_at`` must be written now."""
+        last = self._touched.get(key)
+        if last is not None and timedelta(0) <= now - last < TOUCH_INTERVAL:
+            return False
+        self._pending_touches.append((key, now))
+        return True
+
+    def _study_id(self, session: Session, study_uid: str, now: datetime) -> int:
+        cached = self._study_ids.get(study_uid)
+        if cached is not None:
+            return cached
+        study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid))
+        if study_id is None:
+            study_id = session.scalar(
+                insert(Study)
+                .values(
+                    study_instance_uid=study_uid,
+                    state=StudyState.RECEIVING,
+                    first_received_at=now,
+                    last_received_at=now,
+                    instance_count=0,
+                    reopened_count=0,
+                )
+                .returning(Study.id)
+            )
+        assert study_id is not None
+        self._remember(self._study_ids, study_uid, study_id)
+        return study_id
+
+    def _series_id(
+        self, session: Session, study_id: int, header: InstanceHeader, now: datetime
+    ) -> int:
+        uid = header.series_instance_uid
+        cached = self._series_ids.get(uid)
+        if cached is not None:
+            return cached
+        series_id = session.scalar(select(Series.id).where(Series.series_instance_uid == uid))
+        if series_id is None:
+            series_id = session.scalar(
+                insert(Series)
+                .values(
+                    study_id=study_id,
+                    series_instance_uid=uid,
+                    modality=header.modality,
+                    state=StudyState.RECEIVING,
+                    last_received_at=now,
+                    instance_count=0,
+                )
+                .returning(Series.id)
+            )
+        assert series_id is not None
+        self._remember(self._series_ids, uid, series_id)
+        return series_id
+
+    def _remember(self, cache: dict[str, int], uid: str, row_id: int) -> None:
+        # Ids are only remembered once their transaction committed (see _commit).
+        self._pending_ids.append((cache, uid, row_id))

@@ -8,11 +8,15 @@ cannot accept are quarantined, never dropped.
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
 from fiona.audit import Clock, audit_event
-from fiona.db.models import AuditEventType, QuarantinedFile
+from fiona.db.models import AuditEventType, Instance, QuarantinedFile
 from fiona.errors import OutOfSpaceError, StorageError
 from fiona.keys import keyed_hash
 from fiona.logs import get_logger
@@ -130,7 +134,10 @@ class Ingestor:
         final = self.spool.instance_path(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
-        self.spool.commit_file(tmp_path, final, fd=fd)
+        # The index commit (a WAL fsync) runs in the writer thread while this thread
+        # fsyncs and renames the file: success waits for both. A crash between the two
+        # leaves a row without a file or a file without a row; restart reconciliation
+        # repairs either, and the sender, never acknowledged, sends again.
         record = InstanceRecord(
             header=header,
             calling_ae_title=facts.calling_ae_title,
@@ -142,8 +149,14 @@ class Ingestor:
             digest=digest,
             path=self.spool.relative(final),
         )
+        pending = self.writer.index_instance(record)
         try:
-            outcome = self.writer.index_instance(record).result(timeout=INDEX_TIMEOUT_SECONDS)
+            self.spool.commit_file(tmp_path, final, fd=fd)
+        except StorageError:
+            self._undo_index(pending, header.sop_instance_uid)
+            raise
+        try:
+            outcome = pending.result(timeout=INDEX_TIMEOUT_SECONDS)
         except Exception as exc:  # noqa: BLE001 - the file stays; restart reconciliation indexes it
             log.error(
                 "index commit failed; file kept for reconciliation",
@@ -159,6 +172,24 @@ class Ingestor:
             size_bytes=size,
         )
         return IngestResult(Status.SUCCESS, None, outcome, header)
+
+    def _undo_index(self, pending: Future[StoreOutcome], sop_instance_uid: str) -> None:
+        """The file could not be placed: flag a row that now points at nothing."""
+        try:
+            outcome = pending.result(timeout=INDEX_TIMEOUT_SECONDS)
+        except Exception:  # noqa: BLE001 - nothing was indexed, nothing to undo
+            return
+        if outcome is StoreOutcome.DUPLICATE:
+            return  # the earlier, identical file is still in place
+
+        def flag(session: Session) -> None:
+            session.execute(
+                update(Instance)
+                .where(Instance.sop_instance_uid == sop_instance_uid)
+                .values(file_missing=True)
+            )
+
+        self.writer.submit(flag).result(timeout=INDEX_TIMEOUT_SECONDS)
 
     def _quarantine(
         self,

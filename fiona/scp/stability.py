@@ -1,5 +1,8 @@
 """Study stability: a study (series) is STABLE once nothing arrived for N seconds.
 
+(N plus the index writer's :data:`~fiona.scp.index.TOUCH_INTERVAL`, at most one second.)
+Instance counts of a study and a series are taken when it becomes stable.
+
 State and timestamps live in the database, so a restart resumes where it stopped: a sweep
 after a restart simply finds what became stable meanwhile. When a series becomes stable
 its metadata file ``incoming/<study>/<series>.json`` is written (FIONA convention); a
@@ -21,6 +24,7 @@ from fiona.db.models import AuditEventType, Instance, Series, Study, StudyState
 from fiona.keys import keyed_hash
 from fiona.logs import get_logger
 from fiona.scp.header import read_series_header
+from fiona.scp.index import TOUCH_INTERVAL
 from fiona.scp.spool import Spool, write_json_atomic
 
 __all__ = ["SweepResult", "classify_series", "sweep"]
@@ -53,18 +57,31 @@ def sweep(
     classify: ClassifyHook = classify_series,
 ) -> SweepResult:
     """Mark quiet series and studies STABLE and write pending series metadata."""
-    cutoff = now - timedelta(seconds=stable_after_seconds)
+    # The index writer may leave last_received_at up to TOUCH_INTERVAL stale.
+    cutoff = now - timedelta(seconds=stable_after_seconds) - TOUCH_INTERVAL
     with session_factory() as session, session.begin():
         series_ids = session.scalars(
             update(Series)
             .where(Series.state == StudyState.RECEIVING, Series.last_received_at < cutoff)
-            .values(state=StudyState.STABLE, stable_at=now)
+            .values(
+                state=StudyState.STABLE,
+                stable_at=now,
+                instance_count=select(func.count())
+                .where(Instance.series_id == Series.id)
+                .scalar_subquery(),
+            )
             .returning(Series.id)
         ).all()
         studies = session.execute(
             update(Study)
             .where(Study.state == StudyState.RECEIVING, Study.last_received_at < cutoff)
-            .values(state=StudyState.STABLE, stable_at=now)
+            .values(
+                state=StudyState.STABLE,
+                stable_at=now,
+                instance_count=select(func.count())
+                .where(Instance.study_id == Study.id)
+                .scalar_subquery(),
+            )
             .returning(Study.id, Study.study_instance_uid, Study.instance_count)
         ).all()
         for study_id, study_uid, instance_count in studies:

@@ -92,7 +92,7 @@ def test_ingest_stores_exact_bytes_and_indexes(services: NodeServices) -> None:
         assert row.state is InstanceState.RECEIVED
         assert row.received_at.tzinfo is not None
         study = session.scalars(select(Study)).one()
-        assert study.state is StudyState.RECEIVING and study.instance_count == 1
+        assert study.state is StudyState.RECEIVING
 
 
 def test_same_instance_twice_is_one_row(services: NodeServices) -> None:
@@ -194,9 +194,14 @@ def test_stability_sweep_and_reopen(services: NodeServices, clock, tmp_path: Pat
     args = (services.session_factory, services.spool, services.node_key)
     clock.advance(5)
     assert sweep(*args, clock(), 10).studies_stable == 0  # still within the window
-    clock.advance(6)
+    clock.advance(5.5)  # 10.5 s: past N, but within the writer's touch slack
+    assert sweep(*args, clock(), 10).studies_stable == 0
+    clock.advance(1)
     result = sweep(*args, clock(), 10)
     assert (result.studies_stable, result.series_stable, result.metadata_written) == (1, 1, 1)
+    with services.session_factory() as session:
+        assert session.scalars(select(Study.instance_count)).one() == 3
+        assert session.scalars(select(Series.instance_count)).one() == 3
     metadata = json.loads(services.spool.series_metadata_path(study, series).read_text())
     assert metadata["NumFiles"] == 3
     assert metadata["Modality"] == "CT"
@@ -215,13 +220,29 @@ def test_stability_sweep_and_reopen(services: NodeServices, clock, tmp_path: Pat
         row = session.scalars(select(Study)).one()
         assert row.state is StudyState.RECEIVING and row.reopened_count == 1
         assert session.scalars(select(Series.metadata_written_at)).one() is None
-    clock.advance(11)
+    clock.advance(12)
     assert sweep(*args, clock(), 10).metadata_written == 1
     metadata = json.loads(services.spool.series_metadata_path(study, series).read_text())
     assert metadata["NumFiles"] == 4
     types = audit_types(services)
     assert types.count(AuditEventType.STUDY_STABLE) == 2
     assert AuditEventType.STUDY_REOPENED in types
+
+
+def test_steady_arrivals_keep_the_study_open(services: NodeServices, clock, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Instances 0.4 s apart for 30 s: never stable while they arrive (the writer writes
+    last_received_at at most once a second), stable N + 1 s after the last one."""
+    study, series = generate_uid(), generate_uid()
+    args = (services.session_factory, services.spool, services.node_key)
+    for i in range(75):
+        path = save(make_ct(study, series, instance_number=i + 1, seed=i), tmp_path / f"{i}.dcm")
+        assert services.ingestor.ingest(put(services, path), FACTS).ok
+        assert sweep(*args, clock(), 2).studies_stable == 0, f"stable early at {i}"
+        clock.advance(0.4)
+    clock.advance(2.7)
+    assert sweep(*args, clock(), 2).studies_stable == 1
+    with services.session_factory() as session:
+        assert session.scalars(select(Study.instance_count)).one() == 75
 
 
 def test_reconcile_after_a_crash(services: NodeServices, clock, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -246,7 +267,7 @@ def test_reconcile_after_a_crash(services: NodeServices, clock, tmp_path: Path) 
         rows = {r.sop_instance_uid: r for r in session.scalars(select(Instance))}
         assert rows[orphan.SOPInstanceUID].calling_ae_title == "recovered"
         assert rows[gone_ds.SOPInstanceUID].file_missing is True
-        assert session.scalars(select(Study.instance_count)).one() == 3
+        assert session.scalar(select(func.count()).select_from(Instance)) == 3
     # A second pass finds nothing new.
     again = reconcile(services.session_factory, services.spool, services.writer, clock())
     assert (again.temporary_removed, again.files_indexed, again.rows_missing_file) == (0, 0, 0)
