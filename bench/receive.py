@@ -169,22 +169,44 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its live children (FIONA's worker processes)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            children = [int(c) for c in fh.read().split()]
+    except OSError:
+        children = []
+    return [pid, *children]
+
+
 def cpu_times(pid: int) -> tuple[float, float]:
-    """(user, system) seconds of a process (all threads, plus reaped children), seconds."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    # fields[0] is state (field 3); utime, stime, cutime, cstime are fields 14-17.
-    user = int(fields[11]) + int(fields[13])
-    system = int(fields[12]) + int(fields[14])
+    """(user, system) seconds of a process and its live children (all threads, plus
+    reaped children)."""
+    user = system = 0
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[0] is state (field 3); utime, stime, cutime, cstime are fields 14-17.
+        user += int(fields[11]) + int(fields[13])
+        system += int(fields[12]) + int(fields[14])
     return user / CLK_TCK, system / CLK_TCK
 
 
 def peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """Sum of the peak RSS (VmHWM) of a process and its live children."""
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return total if total else float("nan")
 
 
 def wait_echo(port: int, called: str, proc: subprocess.Popen[Any], timeout: float) -> None:
@@ -302,6 +324,7 @@ class Fiona(Target):
             f"  host: {HOST}\n"
             f"  port: {self.port}\n"
             f"  maximum_pdu_size: {self.args.fiona_pdu}\n"
+            f"  workers: {self.args.fiona_workers}\n"
             "storage:\n"
             f"  path: {spool}\n"
             "  min_free_mb: 512\n"
@@ -317,6 +340,16 @@ class Fiona(Target):
         env = dcmtk_env()
         env["PYTHONUNBUFFERED"] = "1"
         return env
+
+    def start(self) -> None:
+        super().start()
+        # C-ECHO reached one process; wait until every worker listens too.
+        deadline = time.monotonic() + 60
+        log = self.workdir / f"{self.name}.log"
+        while log.read_text().count('"event": "listening"') < self.args.fiona_workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError("FIONA workers did not start")
+            time.sleep(0.1)
 
     def received(self) -> int:
         r = subprocess.run(
@@ -684,6 +717,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1048576,
         help="FIONA node.maximum_pdu_size (default 1048576, FIONA's default)",
+    )
+    p.add_argument(
+        "--fiona-workers",
+        type=int,
+        default=1,
+        help="FIONA node.workers: receiving processes sharing the port (default 1)",
     )
     p.add_argument(
         "--send-timeout",

@@ -67,9 +67,15 @@ def check(config_path: Path | None) -> None:
     show_default=True,
     help="Seconds to let in-flight associations finish on SIGTERM/SIGINT.",
 )
-def serve(config_path: Path | None, grace: float) -> None:
-    """Run the node in the foreground until SIGTERM or SIGINT."""
+@click.option("--worker", is_flag=True, hidden=True, help="Internal: a secondary process.")
+def serve(config_path: Path | None, grace: float, worker: bool) -> None:
+    """Run the node in the foreground until SIGTERM or SIGINT.
+
+    With ``node.workers`` > 1 this process also starts and supervises the other
+    receiving processes, which share the port; a stop signal stops them all.
+    """
     from fiona.scp.server import Node
+    from fiona.scp.workers import WorkerPool
 
     config = _load(config_path)
     configure_logging(config.logging.level)
@@ -80,16 +86,25 @@ def serve(config_path: Path | None, grace: float) -> None:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    node = Node(config)
+    node = Node(config, worker=worker)
     try:
         node.start()
     except OSError as exc:
         click.echo(f"cannot start: {exc}", err=True)
         node.stop(0)
         sys.exit(1)
+    pool = None
+    if not worker and config.node.workers > 1:
+        pool = WorkerPool(config.source, config.node.workers - 1, grace)
+        pool.start()
     while not stop.wait(0.5):
-        pass
+        if pool is not None:
+            pool.supervise()
+    if pool is not None:
+        pool.signal_stop()
     node.stop(grace)
+    if pool is not None:
+        pool.wait()
 
 
 @main.group()

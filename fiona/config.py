@@ -66,6 +66,9 @@ class NodeConfig(_Frozen):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 11112
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 20
+    """Per receiving process."""
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    """Receiving processes sharing the port (SO_REUSEPORT); one per core scales best."""
     accept_any_called_ae: bool = False
     """Accept every called AE title (FIONA's historical "promiscuous" mode)."""
     allowed_calling_ae_titles: tuple[str, ...] = ()

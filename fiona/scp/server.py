@@ -8,6 +8,8 @@ stop accepting, let in-flight associations finish (bounded), final sweep, writer
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 import tempfile
 import threading
 import time
@@ -18,6 +20,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom import config as pydicom_config
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -55,6 +58,19 @@ def configure_pynetdicom(spool: Spool) -> None:
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     _config.LOG_HANDLER_LEVEL = "none"
     tempfile.tempdir = str(spool.tmp)
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """An association server whose port other FIONA worker processes share.
+
+    With ``SO_REUSEPORT`` the kernel spreads incoming connections over every process
+    listening on the port, so each worker (with its own GIL) takes whole associations.
+    """
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 @dataclass
@@ -102,6 +118,8 @@ class Node:
 
     config: FionaConfig
     clock: Clock = utcnow
+    worker: bool = False
+    """A secondary receiving process: no reconciliation, no sweeper (the primary's)."""
     services: NodeServices | None = None
     _server: Any = None
     _scheduler: BackgroundScheduler | None = None
@@ -113,6 +131,47 @@ class Node:
         services = open_node_services(config, self.clock)
         self.services = services
         configure_pynetdicom(services.spool)
+        if not self.worker:
+            self._start_primary_duties(services)
+        handlers = ScpHandlers(config, services.ingestor, self.clock)
+        ae = AE(ae_title=config.node.ae_title)
+        ae.add_supported_context(Verification)
+        ae.maximum_associations = config.node.max_associations
+        ae.maximum_pdu_size = config.node.maximum_pdu_size
+        ae.acse_timeout = config.node.acse_timeout
+        ae.dimse_timeout = config.node.dimse_timeout
+        ae.network_timeout = config.node.network_timeout
+        ae.require_called_aet = False  # FIONA decides in EVT_REQUESTED (several titles)
+        self._server = ae.make_server(
+            (config.node.host, config.node.port),
+            server_class=ReusePortServer if config.node.workers > 1 else ThreadedAssociationServer,
+            evt_handlers=[
+                (evt.EVT_CONN_OPEN, handlers.handle_conn_open),
+                (evt.EVT_REQUESTED, handlers.handle_requested),
+                (evt.EVT_REJECTED, handlers.handle_rejected),
+                (evt.EVT_ACCEPTED, handlers.handle_accepted),
+                (evt.EVT_CONN_CLOSE, handlers.handle_conn_close),
+                (evt.EVT_C_ECHO, handlers.handle_echo),
+                (evt.EVT_C_STORE, handlers.handle_store),
+            ],
+        )
+        ae._servers.append(self._server)  # so that server.shutdown() can deregister it
+        threading.Thread(
+            target=self._server.serve_forever, name="fiona-acceptor", daemon=True
+        ).start()
+        log.info(
+            "listening",
+            pid=os.getpid(),
+            worker=self.worker,
+            ae_title=config.node.ae_title,
+            host=config.node.host,
+            port=self._server.server_address[1],
+            storage=str(services.spool.root),
+        )
+
+    def _start_primary_duties(self, services: NodeServices) -> None:
+        """Audit the configuration, reconcile the spool, start the stability sweeper."""
+        config = self.config
         services.writer.add(
             [
                 audit_event(
@@ -137,36 +196,6 @@ class Node:
             id="stability-sweep",
         )
         self._scheduler.start()
-
-        handlers = ScpHandlers(config, services.ingestor, self.clock)
-        ae = AE(ae_title=config.node.ae_title)
-        ae.add_supported_context(Verification)
-        ae.maximum_associations = config.node.max_associations
-        ae.maximum_pdu_size = config.node.maximum_pdu_size
-        ae.acse_timeout = config.node.acse_timeout
-        ae.dimse_timeout = config.node.dimse_timeout
-        ae.network_timeout = config.node.network_timeout
-        ae.require_called_aet = False  # FIONA decides in EVT_REQUESTED (several titles)
-        self._server = ae.start_server(
-            (config.node.host, config.node.port),
-            block=False,
-            evt_handlers=[
-                (evt.EVT_CONN_OPEN, handlers.handle_conn_open),
-                (evt.EVT_REQUESTED, handlers.handle_requested),
-                (evt.EVT_REJECTED, handlers.handle_rejected),
-                (evt.EVT_ACCEPTED, handlers.handle_accepted),
-                (evt.EVT_CONN_CLOSE, handlers.handle_conn_close),
-                (evt.EVT_C_ECHO, handlers.handle_echo),
-                (evt.EVT_C_STORE, handlers.handle_store),
-            ],
-        )
-        log.info(
-            "listening",
-            ae_title=config.node.ae_title,
-            host=config.node.host,
-            port=self._server.server_address[1],
-            storage=str(services.spool.root),
-        )
 
     @property
     def port(self) -> int:
@@ -209,6 +238,7 @@ class Node:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
         if self.services is not None:
-            self._sweep()
+            if not self.worker:
+                self._sweep()
             self.services.close()
         log.info("stopped")

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -402,3 +403,24 @@ def test_max_associations_rejects_the_next_one(make_server) -> None:  # type: ig
     rows = index(srv, "SELECT details FROM audit_events WHERE event_type = 'ASSOCIATION_REJECTED'")
     assert len(rows) == 1 and "max_associations" in str(rows[0][0])
     assert srv.stop() == 0
+
+
+def test_worker_processes_share_the_port(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = make_server(node={"workers": 2})
+    srv.start()
+    deadline = time.monotonic() + 30
+    while srv.log().count('"event": "listening"') < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    listening = [json.loads(line) for line in srv.log().splitlines() if '"listening"' in line]
+    pids = {entry["pid"] for entry in listening}
+    assert len(pids) == 2 and sum(entry["worker"] for entry in listening) == 1
+    batches = [write_study(tmp_path / f"s{i}", 1, 10) for i in range(8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = list(pool.map(lambda b: send_pynetdicom(srv.port, b), batches))
+    assert all(code == 0 for codes in statuses for code in codes)
+    assert status(srv)["instances"] == 80
+    assert srv.stop() == 0
+    for pid in pids:
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )
