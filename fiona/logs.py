@@ -68,6 +68,9 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # pydicom's warnings can quote element values (a PN value is PHI); FIONA reports data
+    # problems through its own checks, with reasons that never contain values.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

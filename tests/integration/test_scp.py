@@ -424,3 +424,39 @@ def test_worker_processes_share_the_port(make_server, tmp_path: Path) -> None:  
         assert (
             not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
         )
+
+
+def test_no_patient_identifiers_in_logs_or_audit(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv = make_server(stable_after_seconds=1)
+    srv.start()
+    markers = {"name": "Leakmarker^Xyzzy", "id": "LEAKID-778899", "birth": "19010203"}
+    study = write_study(
+        tmp_path / "phi", 1, 3, patient_name=markers["name"], patient_id=markers["id"]
+    )
+    for path in study:  # birth date too
+        ds = dcmread(path)
+        ds.PatientBirthDate = markers["birth"]
+        ds.save_as(path, enforce_file_format=True)
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(study[0].read_bytes()[:-5000])  # truncated: quarantined
+    assert not store_failures(storescu(srv.port, study, calling="CT01"))
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True  # dcmtk will not send a cut file
+    try:
+        ae = AE(ae_title="CT01")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", srv.port, ae_title="FIONA")
+        assert int(assoc.send_c_store(bad).Status) == 0xC210
+        assoc.release()
+    finally:
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = False
+    time.sleep(3)  # let the study become stable (metadata, audit)
+    assert srv.stop() == 0
+    texts = [srv.log()]
+    texts += [str(row) for row in index(srv, "SELECT * FROM audit_events")]
+    texts += [str(row) for row in index(srv, "SELECT * FROM quarantined_files")]
+    texts += [str(row) for row in index(srv, "SELECT * FROM instances")]
+    texts += [p.read_text() for p in srv.storage.rglob("*.json")]
+    assert any("study stable" in t for t in texts)
+    for written in texts:
+        for value in (*markers.values(), "Leakmarker", "LEAKID"):
+            assert value not in written
