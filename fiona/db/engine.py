@@ -13,6 +13,8 @@ __all__ = ["make_engine", "make_sessionmaker"]
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" event issue BEGIN (see _sqlite_begin), not pysqlite.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     # WAL lets readers (CLI, web) run beside the writer; FULL makes every commit
     # durable (the WAL is fsynced), which a C-STORE success promises.
@@ -21,6 +23,13 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _sqlite_begin(connection: Any) -> None:
+    # IMMEDIATE takes the write lock up front. A deferred transaction that reads and
+    # then writes fails at once with SQLITE_BUSY (no busy-wait) when another process
+    # committed in between — several FIONA processes write to one database file.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -38,6 +47,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             **kwargs,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
