@@ -124,27 +124,13 @@ class ScpHandlers:
                 return
             assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
             assoc.kill()  # returns once the DUL has sent the A-ASSOCIATE-RJ
-            log.warning(
-                "association rejected",
-                calling_ae_title=calling,
-                called_ae_title=called,
-                peer_address=peer,
-                reason=rejection.reason,
-            )
-            self.ingestor.writer.add(
-                [
-                    audit_event(
-                        AuditEventType.ASSOCIATION_REJECTED,
-                        actor=f"{calling}@{peer}",
-                        occurred_at=self.clock(),
-                        calling_ae_title=calling,
-                        called_ae_title=called,
-                        peer_address=peer,
-                        reason=rejection.reason,
-                        result=rejection.result,
-                        diagnostic=rejection.diagnostic,
-                    )
-                ]
+            self._record_rejection(
+                calling,
+                called,
+                peer,
+                rejection.reason,
+                result=rejection.result,
+                diagnostic=rejection.diagnostic,
             )
         except Exception:
             log.exception("association request check failed")
@@ -155,29 +141,40 @@ class ScpHandlers:
         assoc = event.assoc
         try:
             primitive = assoc.requestor.primitive
-            calling = _text(primitive.calling_ae_title)
-            peer = str(assoc.requestor.address)
-            log.warning(
-                "association rejected",
-                calling_ae_title=calling,
-                peer_address=peer,
-                reason="local limit exceeded",
-            )
-            self.ingestor.writer.add(
-                [
-                    audit_event(
-                        AuditEventType.ASSOCIATION_REJECTED,
-                        actor=f"{calling}@{peer}",
-                        occurred_at=self.clock(),
-                        calling_ae_title=calling,
-                        called_ae_title=_text(primitive.called_ae_title),
-                        peer_address=peer,
-                        reason="local limit exceeded (node.max_associations)",
-                    )
-                ]
+            self._record_rejection(
+                _text(primitive.calling_ae_title),
+                _text(primitive.called_ae_title),
+                str(assoc.requestor.address),
+                "local limit exceeded (node.max_associations)",
             )
         except Exception:
             log.exception("cannot record rejection")
+
+    def _record_rejection(
+        self, calling: str, called: str, peer: str, reason: str, **details: Any
+    ) -> None:
+        """Log a rejected association and queue its audit event."""
+        log.warning(
+            "association rejected",
+            calling_ae_title=calling,
+            called_ae_title=called,
+            peer_address=peer,
+            reason=reason,
+        )
+        self.ingestor.writer.add(
+            [
+                audit_event(
+                    AuditEventType.ASSOCIATION_REJECTED,
+                    actor=f"{calling}@{peer}",
+                    occurred_at=self.clock(),
+                    calling_ae_title=calling,
+                    called_ae_title=called,
+                    peer_address=peer,
+                    reason=reason,
+                    **details,
+                )
+            ]
+        )
 
     def handle_accepted(self, event: Any) -> None:
         assoc = event.assoc

@@ -174,38 +174,15 @@ def test_many_parallel_associations(server, tmp_path: Path) -> None:  # type: ig
     assert sorted(r[0] for r in associations) == [12] * 8
 
 
+def fiona_echo(port: int, called: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "fiona", "echo", "127.0.0.1", str(port), "--called-ae", called]
+    return subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
+
+
 def test_echo_and_rejections(server) -> None:  # type: ignore[no-untyped-def]
-    ok = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fiona",
-            "echo",
-            "127.0.0.1",
-            str(server.port),
-            "--called-ae",
-            "FIONA",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    ok = fiona_echo(server.port, "FIONA")
     assert ok.returncode == 0 and "success" in ok.stdout
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fiona",
-            "echo",
-            "127.0.0.1",
-            str(server.port),
-            "--called-ae",
-            "UNKNOWN",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    bad = fiona_echo(server.port, "UNKNOWN")
     assert bad.returncode == 1 and "rejected" in bad.stderr
     result = storescu(server.port, [sample_file("CT_small.dcm")], called="NOBODY")
     assert "Called AE Title Not Recognized" in result.stdout + result.stderr
