@@ -19,7 +19,7 @@ from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
 from fiona.audit import audit_event
 from fiona.db.models import (
@@ -308,51 +308,60 @@ class IndexWriter:
         return True
 
     def _study_id(self, session: Session, study_uid: str, now: datetime) -> int:
-        cached = self._study_ids.get(study_uid)
-        if cached is not None:
-            return cached
-        study_id = session.scalar(select(Study.id).where(Study.study_instance_uid == study_uid))
-        if study_id is None:
-            study_id = session.scalar(
-                insert(Study)
-                .values(
-                    study_instance_uid=study_uid,
-                    state=StudyState.RECEIVING,
-                    first_received_at=now,
-                    last_received_at=now,
-                    instance_count=0,
-                    reopened_count=0,
-                )
-                .returning(Study.id)
-            )
-        assert study_id is not None
-        self._remember(self._study_ids, study_uid, study_id)
-        return study_id
+        return self._row_id(
+            session,
+            self._study_ids,
+            Study,
+            Study.study_instance_uid,
+            study_uid,
+            {
+                "study_instance_uid": study_uid,
+                "state": StudyState.RECEIVING,
+                "first_received_at": now,
+                "last_received_at": now,
+                "instance_count": 0,
+                "reopened_count": 0,
+            },
+        )
 
     def _series_id(
         self, session: Session, study_id: int, header: InstanceHeader, now: datetime
     ) -> int:
-        uid = header.series_instance_uid
-        cached = self._series_ids.get(uid)
+        return self._row_id(
+            session,
+            self._series_ids,
+            Series,
+            Series.series_instance_uid,
+            header.series_instance_uid,
+            {
+                "study_id": study_id,
+                "series_instance_uid": header.series_instance_uid,
+                "modality": header.modality,
+                "state": StudyState.RECEIVING,
+                "last_received_at": now,
+                "instance_count": 0,
+            },
+        )
+
+    def _row_id(
+        self,
+        session: Session,
+        cache: dict[str, int],
+        model: type[Study] | type[Series],
+        uid_column: InstrumentedAttribute[str],
+        uid: str,
+        values: dict[str, Any],
+    ) -> int:
+        """The id of a study/series row: cached, looked up, or inserted."""
+        cached = cache.get(uid)
         if cached is not None:
             return cached
-        series_id = session.scalar(select(Series.id).where(Series.series_instance_uid == uid))
-        if series_id is None:
-            series_id = session.scalar(
-                insert(Series)
-                .values(
-                    study_id=study_id,
-                    series_instance_uid=uid,
-                    modality=header.modality,
-                    state=StudyState.RECEIVING,
-                    last_received_at=now,
-                    instance_count=0,
-                )
-                .returning(Series.id)
-            )
-        assert series_id is not None
-        self._remember(self._series_ids, uid, series_id)
-        return series_id
+        row_id = session.scalar(select(model.id).where(uid_column == uid))
+        if row_id is None:
+            row_id = session.scalar(insert(model).values(**values).returning(model.id))
+        assert row_id is not None
+        self._remember(cache, uid, row_id)
+        return row_id
 
     def _remember(self, cache: dict[str, int], uid: str, row_id: int) -> None:
         # Ids are only remembered once their transaction committed (see _commit).
