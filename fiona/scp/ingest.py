@@ -7,6 +7,7 @@ cannot accept are quarantined, never dropped.
 
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -164,13 +165,14 @@ class Ingestor:
                 error=type(exc).__name__,
             )
             return IngestResult(Status.PROCESSING_FAILURE, "index unavailable, retry later")
-        log.debug(
-            "instance stored",
-            association_id=facts.association_id,
-            outcome=outcome.value,
-            study_key=keyed_hash(self.node_key, header.study_instance_uid),
-            size_bytes=size,
-        )
+        if logging.getLogger(__name__).isEnabledFor(logging.DEBUG):
+            log.debug(
+                "instance stored",
+                association_id=facts.association_id,
+                outcome=outcome.value,
+                study_key=keyed_hash(self.node_key, header.study_instance_uid),
+                size_bytes=size,
+            )
         return IngestResult(Status.SUCCESS, None, outcome, header)
 
     def _undo_index(self, pending: Future[StoreOutcome], sop_instance_uid: str) -> None:
