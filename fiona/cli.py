@@ -6,6 +6,7 @@ Exit status: 0 success, 1 the operation failed, 2 bad configuration or usage.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -97,9 +98,15 @@ def serve(config_path: Path | None, grace: float, worker: bool) -> None:
     if not worker and config.node.workers > 1:
         pool = WorkerPool(config.source, config.node.workers - 1, grace)
         pool.start()
+    parent = os.getppid()
     while not stop.wait(0.5):
         if pool is not None:
             pool.supervise()
+        if worker and os.getppid() != parent:
+            # The primary died (kill -9?): do not linger as an orphan on the shared
+            # port; the next primary reconciles the spool this worker writes to.
+            click.echo("primary process gone; worker stopping", err=True)
+            break
     if pool is not None:
         pool.signal_stop()
     node.stop(grace)

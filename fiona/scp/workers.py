@@ -2,7 +2,8 @@
 
 Each worker is ``fiona serve --worker`` on the same configuration: it listens on the same
 port (SO_REUSEPORT) and writes to the same spool and database, but leaves spool
-reconciliation and the stability sweep to the primary. A worker that dies is restarted;
+reconciliation and the stability sweep to the primary. A worker that dies is restarted; a
+worker whose primary died (kill -9) stops by itself rather than linger on the port;
 a stop signal to the primary stops every worker the same graceful way.
 """
 

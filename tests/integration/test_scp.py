@@ -457,3 +457,26 @@ def test_no_patient_identifiers_in_logs_or_audit(make_server, tmp_path: Path) ->
     for written in texts:
         for value in (*markers.values(), "Leakmarker", "LEAKID"):
             assert value not in written
+
+
+def test_workers_stop_when_the_primary_is_killed(make_server) -> None:  # type: ignore[no-untyped-def]
+    srv = make_server(node={"workers": 2})
+    srv.start()
+    deadline = time.monotonic() + 30
+    while srv.log().count('"event": "listening"') < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = [
+        json.loads(line)["pid"]
+        for line in srv.log().splitlines()
+        if '"listening"' in line and '"worker": true' in line
+    ]
+    assert len(workers) == 1
+    srv.kill9()
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{workers[0]}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{workers[0]}").exists(), "orphaned worker still running"
+    # A new primary starts cleanly on the same port.
+    srv.start()
+    assert not store_failures(storescu(srv.port, [sample_file("CT_small.dcm")]))
+    assert srv.stop() == 0
