@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -299,10 +300,15 @@ def test_kill_9_loses_no_acknowledged_instance(make_server, tmp_path: Path) -> N
     def sender() -> None:
         ae = AE(ae_title="KILLTEST")
         ae.add_requested_context(CTImageStorage)
+        ae.dimse_timeout = 10
         assoc = ae.associate("127.0.0.1", srv.port, ae_title="FIONA")
         for path in files:
-            if stop.is_set() or not assoc.is_established:
+            if stop.is_set():
                 break
+            if not assoc.is_established:  # pynetdicom's SCU race (TESTING.md): reconnect
+                assoc = ae.associate("127.0.0.1", srv.port, ae_title="FIONA")
+                if not assoc.is_established:
+                    break
             ds = dcmread(path)
             rsp = assoc.send_c_store(ds)
             if getattr(rsp, "Status", None) == 0x0000:
@@ -334,26 +340,32 @@ def test_sigterm_finishes_in_flight_association(make_server, tmp_path: Path) -> 
     srv = make_server()
     srv.start()
     files = write_study(tmp_path / "study", 1, 120, size=256)
-    codes: list[int] = []
-    started = threading.Event()
-
-    def sender() -> None:
-        ae = AE(ae_title="TERMTEST")
-        ae.add_requested_context(CTImageStorage)
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", srv.port, ae_title="FIONA")
-        for path in files:
-            codes.append(int(assoc.send_c_store(dcmread(path)).Status))
-            started.set()
-        assoc.release()
-
-    thread = threading.Thread(target=sender)
-    thread.start()
-    assert started.wait(30)
+    sender = subprocess.Popen(
+        [
+            str(DCMTK / "storescu"),
+            "-v",
+            "-aec",
+            "FIONA",
+            "127.0.0.1",
+            str(srv.port),
+            *map(str, files),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    assert sender.stdout is not None
+    output: list[str] = []
+    for line in sender.stdout:  # wait until the transfer is under way
+        output.append(line)
+        if sum("Store Response (Success)" in x for x in output) >= 5:
+            break
     srv.proc.send_signal(signal.SIGTERM)
-    thread.join(120)
+    output.extend(sender.stdout)
+    assert sender.wait(120) == 0
     assert srv.proc.wait(60) == 0
-    assert codes == [0] * len(files)
+    assert sum("Store Response (Success)" in x for x in output) == len(files), "".join(output)
     srv.start()
     assert status(srv)["instances"] == len(files)
     assert srv.stop() == 0
