@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import traceback
 from typing import Any, TextIO
 
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
-__all__ = ["configure_logging", "get_logger", "redact_phi"]
+__all__ = ["configure_logging", "get_logger", "redact_exception", "redact_phi"]
 
 REDACTED = "[redacted]"
 
@@ -36,6 +37,27 @@ def redact_phi(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> E
     return event_dict
 
 
+def redact_exception(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """Render an exception as its type and stack only.
+
+    Exception messages can quote data (pydicom quotes an invalid value, and a PN value is
+    PHI), so the message is never logged; the frames and the type locate the problem.
+    """
+    exc_info = event_dict.pop("exc_info", None)
+    if not exc_info:
+        return event_dict
+    if exc_info is True:
+        exc_info = sys.exc_info()
+    elif isinstance(exc_info, BaseException):
+        exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+    exc_type, _exc, tb = exc_info
+    if exc_type is None:
+        return event_dict
+    frames = "".join(traceback.format_tb(tb))
+    event_dict["exception"] = f"{frames}{exc_type.__module__}.{exc_type.__qualname__}"
+    return event_dict
+
+
 def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
     """Send structlog and stdlib logging (pynetdicom, alembic) as JSON lines to stdout."""
     stream = stream or sys.stdout
@@ -44,6 +66,7 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact_phi,
+        redact_exception,
     ]
     structlog.configure(
         # filter_by_level first: a filtered-out debug call costs nothing further.
@@ -60,7 +83,6 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None
         foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(),
         ],
     )
