@@ -108,8 +108,9 @@ class Ingestor:
         fd: int | None,
         expected_sop_instance_uid: str | None,
     ) -> IngestResult:
-        size = os.stat(tmp_path).st_size
-        self.spool.check_space(incoming_bytes=size)
+        # The received bytes already sit in tmp/ on the spool filesystem: the rename into
+        # incoming/ needs no more space, so the floor is checked as things stand.
+        self.spool.check_space()
         try:
             header = read_header(tmp_path)
             bad = [
