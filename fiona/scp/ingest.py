@@ -8,7 +8,6 @@ cannot accept are quarantined, never dropped.
 from __future__ import annotations
 
 import logging
-import os
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
