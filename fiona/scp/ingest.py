@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from fiona.audit import Clock, audit_event
 from fiona.db.models import AuditEventType, Instance, QuarantinedFile
-from fiona.errors import OutOfSpaceError, StorageError
+from fiona.errors import StorageError
 from fiona.keys import keyed_hash
 from fiona.logs import get_logger
 from fiona.scp.header import HeaderError, InstanceHeader, read_header
@@ -90,9 +90,7 @@ class Ingestor:
         """
         try:
             return self._ingest(tmp_path, facts, fd, expected_sop_instance_uid)
-        except OutOfSpaceError as exc:
-            return self._refuse(facts, Status.OUT_OF_RESOURCES, str(exc))
-        except StorageError as exc:
+        except StorageError as exc:  # OutOfSpaceError included: both are 0xA700
             return self._refuse(facts, Status.OUT_OF_RESOURCES, str(exc))
         except Exception as exc:
             log.exception("store failed", association_id=facts.association_id)

@@ -102,11 +102,11 @@ class Spool:
         stats = os.statvfs(self.root)
         return stats.f_bavail * stats.f_frsize
 
-    def check_space(self, incoming_bytes: int = 0) -> None:
-        """Raise :class:`OutOfSpaceError` if storing `incoming_bytes` would cross the floor."""
+    def check_space(self) -> None:
+        """Raise :class:`OutOfSpaceError` if free space is below ``min_free_mb``."""
         floor = self.min_free_mb * 1024 * 1024
         free = self.free_bytes()
-        if free - incoming_bytes < floor:
+        if free < floor:
             raise OutOfSpaceError(
                 f"free space {free // (1024 * 1024)} MB is below storage.min_free_mb "
                 f"{self.min_free_mb} MB"
