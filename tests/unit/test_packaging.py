@@ -37,3 +37,11 @@ def test_wheel_ships_migrations_and_console_script(tmp_path: Path) -> None:
     assert shipped == in_repo
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "fiona = fiona.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    profiles = {Path(n).name for n in names if n.startswith("fiona/profiles/")}
+    in_repo_profiles = {p.name for p in (REPO / "rules/profiles").glob("*.yaml")}
+    assert in_repo_profiles and in_repo_profiles <= profiles
+    # Packages are listed by hand in pyproject.toml (for the rules/profiles mapping): a new
+    # sub-package that is not listed would be missing from the wheel.
+    packages = {str(p.parent.relative_to(REPO)) for p in (REPO / "fiona").rglob("__init__.py")}
+    shipped_packages = {str(Path(n).parent) for n in names if n.endswith("/__init__.py")}
+    assert packages <= shipped_packages
