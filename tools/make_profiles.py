@@ -500,6 +500,9 @@ private tags are kept wholesale rather than checked safe (no 113111).
     for group, creator, elements in (
         ("0009", "SECTRA_Ident_01", ("01", "02")),
         ("0033", "MITRA OBJECT UTF8 ATTRIBUTES 1.0", ("13", "16", "19", "1C")),
+        # Not in the C++ tool: MITRA's global patient ID. (Private person names, VR PN, are
+        # removed by the engine under every policy unless safe-listed.)
+        ("0031", "MITRA LINKED ATTRIBUTES 1.0", ("20",)),
     ):
         for element in elements:
             name = private_dictionary_description(int(f"{group}10{element}", 16), creator)

@@ -421,7 +421,13 @@ class _Rewriter:
             return _REMOVE
         return None
 
-    def _private_keep(self, tag: int, creators: dict[int, str]) -> bool:
+    def _private_keep(self, tag: int, vr: bytes, creators: dict[int, str]) -> bool:
+        """Whether a private element survives (see the profile's private policy).
+
+        Person names are never kept on the strength of ``private_tags: keep`` alone: a private
+        element whose VR is PN (as encoded, or by pydicom's private dictionary) is removed
+        unless the profile safe-lists it by (group, creator, element).
+        """
         policy = self.profile.private_policy
         if policy == "remove":
             return False
@@ -439,9 +445,11 @@ class _Rewriter:
         if creator is None:  # no creator: nobody can say what it is
             return False
         key = (group, creator, elem & 0xFF)
-        if policy == "keep":
-            return key not in self.profile.private_remove
-        return key in self.profile.private_safelist
+        if key in self.profile.private_safelist:
+            return True
+        if policy != "keep" or key in self.profile.private_remove:
+            return False
+        return vr != b"PN" and (vr != b"UN" or _private_vr(tag, creator) != b"PN")
 
     def rewrite(
         self, pos: int, end: int | None, enc: _Encoding, out: list[bytes | memoryview], top: bool
@@ -488,7 +496,7 @@ class _Rewriter:
                     creators[(tag >> 16) << 8 | tag & 0xFF] = (
                         data[pos + hlen : pos + hlen + length].rstrip(b"\x00 ").decode("latin-1")
                     )
-                rule = None if self._private_keep(tag, creators) else _REMOVE
+                rule = None if self._private_keep(tag, vr, creators) else _REMOVE
             else:
                 rule = rules_for(tag, vr)
             if rule is None and is_sequence:
