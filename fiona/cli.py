@@ -135,6 +135,138 @@ def db_upgrade(config_path: Path | None) -> None:
 
 @main.command()
 @_config_option
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("destination", type=click.Path(path_type=Path))
+@click.option("--project", required=True, help="Project ID (with --config) or name.")
+@click.option("--pseudonym", required=True, help="Written as PatientID and PatientName.")
+@click.option("--event", default="", help="Event / time point (ClinicalTrialTimePointID).")
+@click.option("--site", default="", help="Site code (ClinicalTrialSiteID).")
+@click.option("--site-name", default="", help="Site name (ClinicalTrialSiteName).")
+@click.option("--patient-name", default=None, help="PatientName, if not the pseudonym.")
+@click.option(
+    "--profile",
+    "profile_name",
+    default=None,
+    help="Profile name or YAML file; without it the project's settings come from --config.",
+)
+@click.option(
+    "--uid-scheme",
+    type=click.Choice(["mmiv", "mmiv-hex", "hmac"]),
+    default=None,
+    help="With --profile: how UIDs are mapped.",
+)
+@click.option(
+    "--secret-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --profile and --uid-scheme hmac: the project secret.",
+)
+@click.option(
+    "--date-offset-days",
+    type=click.IntRange(-36500, 36500),
+    default=None,
+    help="Days added to dates (default: the project's; 42 with --profile).",
+)
+def anonymize(
+    config_path: Path | None,
+    source: Path,
+    destination: Path,
+    project: str,
+    pseudonym: str,
+    event: str,
+    site: str,
+    site_name: str,
+    patient_name: str | None,
+    profile_name: str | None,
+    uid_scheme: str | None,
+    secret_file: Path | None,
+    date_offset_days: int | None,
+) -> None:
+    """De-identify SOURCE (a file or a folder, recursively) into DESTINATION.
+
+    With --config the project's profile, UID scheme, secret and date offset are used. With
+    --profile everything is given on the command line. Outputs are named
+    DESTINATION/<Study UID>/<Series UID>/<SOP Instance UID>.dcm (or DESTINATION itself when
+    SOURCE is one file and DESTINATION ends in .dcm). Files that cannot be processed are
+    reported and left where they are.
+    """
+    from fiona.anonymizer import load_profile, make_scheme
+    from fiona.anonymizer.engine import Context
+    from fiona.anonymizer.files import anonymize_path, iter_inputs
+    from fiona.anonymizer.projects import project_deidentification
+    from fiona.config import read_secret
+
+    if not pseudonym.strip():
+        raise click.UsageError("--pseudonym must not be empty")
+    if profile_name is None:
+        if uid_scheme or secret_file:
+            raise click.UsageError("--uid-scheme/--secret-file go with --profile")
+        config = _load(config_path)
+        try:
+            settings = project_deidentification(config, project)
+        except ConfigError as exc:
+            click.echo(f"configuration error:\n{exc}", err=True)
+            sys.exit(2)
+        profile = settings.profile
+        scheme_name = settings.scheme_name
+        context = settings.context(
+            pseudonym,
+            event=event,
+            site=site,
+            site_name=site_name,
+            patient_name=patient_name,
+            date_offset_days=date_offset_days,
+        )
+    else:
+        if uid_scheme is None:
+            raise click.UsageError("--profile needs --uid-scheme (mmiv, mmiv-hex or hmac)")
+        if not project.isascii() or not project.strip():
+            raise click.UsageError("--project must be a non-empty ASCII name")
+        try:
+            profile = load_profile(profile_name)
+            secret = None
+            if uid_scheme == "hmac":
+                if secret_file is None:
+                    raise click.UsageError("--uid-scheme hmac needs --secret-file")
+                secret = read_secret(secret_file)
+            scheme = make_scheme(uid_scheme, project, secret=secret)
+        except ConfigError as exc:
+            click.echo(f"profile error:\n{exc}", err=True)
+            sys.exit(2)
+        except ValueError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        scheme_name = uid_scheme
+        context = Context(
+            project=project,
+            pseudonym=pseudonym,
+            scheme=scheme,
+            date_offset_days=42 if date_offset_days is None else date_offset_days,
+            patient_name=patient_name,
+            event=event,
+            site=site,
+            site_name=site_name,
+        )
+    total = sum(1 for _ in iter_inputs(source))
+    with click.progressbar(length=total, label="anonymizing", file=sys.stderr) as bar:
+        report = anonymize_path(
+            source, destination, profile, context, progress=lambda _p: bar.update(1)
+        )
+    for path, reason in report.skipped:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    for path, reason in report.failed:
+        click.echo(f"FAILED  {path}: {reason}", err=True)
+    click.echo(
+        f"anonymized {report.written} files ({len(report.studies)} studies) with profile "
+        f"{profile.label}, UID scheme {scheme_name}, date offset {context.date_offset_days} "
+        f"days; {report.unchanged} already there, {len(report.skipped)} skipped, "
+        f"{len(report.failed)} failed"
+    )
+    sys.exit(1 if report.failed else 0)
+
+
+@main.command()
+@_config_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(config_path: Path | None, as_json: bool) -> None:
     """Instances, studies by state, quarantine, free disk."""

@@ -14,7 +14,7 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -37,6 +37,7 @@ __all__ = [
     "ProjectConfig",
     "StorageConfig",
     "load_config",
+    "read_secret",
     "resolve_config_path",
 ]
 
@@ -153,10 +154,34 @@ class LoggingConfig(_Frozen):
 
 
 class ProjectConfig(_Frozen):
-    """A research project (issue 6 adds routing, profile and destinations)."""
+    """A research project: its AE titles and how its data is de-identified.
+
+    ``profile`` is a built-in profile name (``mmiv``, ``dzhk``, ``basic``) or a path to a
+    profile YAML file. ``uid_scheme`` ``hmac`` (the default for new projects) keys UIDs with
+    the project's secret: ``secret_file`` (at least 16 bytes, never logged) or, when unset,
+    ``<storage>/secrets/<ID>.key``, created on first use (back it up: without it, later data
+    no longer maps to the same UIDs). (Issue 6 adds routing, destinations, pseudonym patterns
+    and approval windows.)
+    """
 
     ae_titles: tuple[str, ...] = ()
     active: bool = True
+    profile: str = "basic"
+    uid_scheme: Literal["mmiv", "mmiv-hex", "hmac"] = "hmac"
+    secret_file: Path | None = None
+    date_offset_days: Annotated[int, Field(ge=-36500, le=36500)] = 42
+
+    @model_validator(mode="after")
+    def _deidentification(self) -> ProjectConfig:
+        from fiona.anonymizer.profile import load_profile
+
+        try:
+            load_profile(self.profile)
+        except ConfigError as exc:
+            raise ValueError(f"profile {self.profile!r}: {exc}") from None
+        if self.secret_file is not None:
+            read_secret(self.secret_file)
+        return self
 
     @field_validator("ae_titles")
     @classmethod
@@ -212,6 +237,19 @@ class FionaConfig(_Frozen):
         return data
 
 
+def read_secret(path: Path) -> bytes:
+    """A project secret: the file's bytes (surrounding whitespace dropped if it is text)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read secret_file {path}: {exc.strerror or exc}") from None
+    if data.isascii():
+        data = data.strip()
+    if len(data) < 16:
+        raise ValueError(f"secret_file {path} holds {len(data)} bytes; at least 16 are needed")
+    return data
+
+
 def resolve_config_path(path: str | os.PathLike[str] | None) -> Path:
     """Return the configuration path from ``--config`` or ``$FIONA_CONFIG``."""
     if path is None:
@@ -239,6 +277,18 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
             rest = url[len("sqlite:///") :]
             if rest and not rest.startswith(":memory:"):
                 database["url"] = "sqlite:///" + str((base / rest).resolve())
+    projects = raw.get("projects")
+    if isinstance(projects, dict):
+        for project in projects.values():
+            if not isinstance(project, dict):
+                continue
+            if isinstance(project.get("secret_file"), str):
+                path = Path(project["secret_file"]).expanduser()
+                project["secret_file"] = str(path if path.is_absolute() else base / path)
+            profile = project.get("profile")
+            if isinstance(profile, str) and profile.endswith((".yaml", ".yml")):
+                path = Path(profile).expanduser()
+                project["profile"] = str(path if path.is_absolute() else base / path)
 
 
 def load_config(path: str | os.PathLike[str]) -> FionaConfig:

@@ -13,20 +13,29 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["keyed_hash", "load_node_key"]
+__all__ = ["keyed_hash", "load_node_key", "load_or_create_key", "project_key_path"]
 
 NODE_KEY_FILE = "node.key"
 
 
 def load_node_key(storage: Path) -> bytes:
     """Return the node secret, creating it atomically if it does not exist."""
-    path = storage / NODE_KEY_FILE
+    return load_or_create_key(storage / NODE_KEY_FILE)
+
+
+def project_key_path(storage: Path, project: str) -> Path:
+    """Where a project's storage-managed secret lives (when ``secret_file`` is not set)."""
+    return storage / "secrets" / f"{project}.key"
+
+
+def load_or_create_key(path: Path) -> bytes:
+    """Return the 32-byte secret in *path* (hex text), creating it atomically (mode 0600)."""
     try:
         return bytes.fromhex(path.read_text(encoding="ascii").strip())
     except FileNotFoundError:
         pass
-    storage.mkdir(parents=True, exist_ok=True)
-    tmp = storage / f".{NODE_KEY_FILE}.{os.getpid()}"
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="ascii") as handle:
         handle.write(secrets.token_hex(32))

@@ -63,6 +63,9 @@ PIXEL_DATA: Final = 0x7FE00010
 IDENTITY_REMOVED: Final = 0x00120062
 DEID_METHOD: Final = 0x00120063
 DEID_CODES: Final = 0x00120064
+LONGITUDINAL: Final = 0x00280303
+MODIFIED_DATES: Final = "113107"
+FULL_DATES: Final = "113106"
 
 IMPLICIT_LE: Final = "1.2.840.10008.1.2"
 EXPLICIT_BE: Final = "1.2.840.10008.1.2.2"
@@ -327,6 +330,8 @@ class _Rewriter:
                 text = self.ctx.patient_name
         else:
             text = (rule.template or "").format_map(self.fields)
+            if tag == LONGITUDINAL and text == "MODIFIED" and not self.ctx.date_offset_days:
+                text = "UNMODIFIED"  # an offset of 0 leaves the dates as they were
         return self._encode(text, vr, tag)
 
     def _map_uid(self, stored: bytes, tag: int, top: bool, enc: _Encoding) -> bytes:
@@ -606,6 +611,8 @@ class _Rewriter:
         items.append((DEID_METHOD, enc.header(DEID_METHOD, b"LO", len(method)) + method, True))
         codes = [enc.header(DEID_CODES, b"SQ", UNDEFINED)]
         for code in self.profile.method_codes:
+            if code == MODIFIED_DATES and not self.ctx.date_offset_days:
+                code = FULL_DATES
             codes.append(enc.header(ITEM, b"", UNDEFINED))
             for ctag, cvr, text in (
                 (0x00080100, b"SH", code),
