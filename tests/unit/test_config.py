@@ -64,6 +64,15 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         ("node: {allowed_peers: ['10.0.0.0/33']}\n", "node.allowed_peers", "not an IP"),
         ("projects: {bicam: {}}\n", "projects", "capitals"),
         ("projects: {BICAM: {ae_titles: [FIONA]}}\n", "<top>", "already used"),
+        ("projects: {BICAM: {profile: nope}}\n", "projects.BICAM", "no built-in profile"),
+        ("projects: {BICAM: {profile: p.yaml}}\n", "projects.BICAM", "cannot read the profile"),
+        ("projects: {BICAM: {uid_scheme: sha1}}\n", "projects.BICAM.uid_scheme", "mmiv-hex"),
+        ("projects: {BICAM: {secret_file: none.key}}\n", "projects.BICAM", "cannot read"),
+        (
+            "projects: {BICAM: {date_offset_days: 99999}}\n",
+            "projects.BICAM.date_offset_days",
+            "less than or equal",
+        ),
         ("- a\n- b\n", "<top>", "mapping"),
         ("node: [\n", "<top>", "not valid YAML"),
     ],
@@ -130,3 +139,22 @@ def test_no_config_at_all_exits_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "FIONA_CONFIG" in result.stderr
+
+
+def test_project_secret_file_and_profile_path_resolve_against_the_config_folder(
+    tmp_path: Path,
+) -> None:
+    path = write(
+        tmp_path,
+        "projects: {BICAM: {profile: mine.yaml, secret_file: keys/b.key, uid_scheme: hmac}}\n",
+    )
+    (path.parent / "keys").mkdir()
+    (path.parent / "keys" / "b.key").write_text("short\n")
+    (path.parent / "mine.yaml").write_text((REPO / "rules/profiles/basic.yaml").read_text())
+    with pytest.raises(ConfigError) as info:  # 5 bytes is not a secret
+        load_config(path)
+    assert "at least 16 are needed" in str(info.value)
+    (path.parent / "keys" / "b.key").write_text("0123456789abcdef0123456789abcdef\n")
+    project = load_config(path).projects["BICAM"]
+    assert project.secret_file == path.parent / "keys" / "b.key"
+    assert project.profile == str(path.parent / "mine.yaml")
