@@ -88,9 +88,10 @@ _MAX_LENGTH: Final = {
 # UI elements that hold class, syntax or coding-scheme UIDs: never remapped.
 _CLASS_UID_TAGS: Final = frozenset(
     {
-        0x00020002, 0x00020010, 0x00020012, 0x00041510, 0x00041512, 0x00080016,
-        0x0008001A, 0x0008001B, 0x00080062, 0x0008010C, 0x00080117, 0x00081150,
-        0x00081151, 0x0008115A, 0x00400010, 0x04000010, 0x04000510,
+        0x00020002, 0x00020010, 0x00020012, 0x00041510, 0x00041512, 0x0004151A,
+        0x00080016, 0x0008001A, 0x0008001B, 0x00080062, 0x0008010C, 0x00080117,
+        0x00080118, 0x0008040E, 0x00081150, 0x00081151, 0x0008115A, 0x00083002,
+        0x00340003, 0x00400010, 0x04000010, 0x04000510, 0x30100052, 0x30100053,
     }
 )  # fmt: skip
 _WELL_KNOWN_ROOT: Final = b"1.2.840.10008."
@@ -201,7 +202,9 @@ class _Rewriter:
         self.rules = profile.rules
         self.ctx = ctx
         self.scheme = ctx.scheme
-        self.encodings: list[str] = ["iso8859"]
+        # Python codecs of the top-level SpecificCharacterSet; empty: the default repertoire
+        # (ASCII), in which no other character can be written.
+        self.encodings: list[str] = []
         self.study_stored: bytes | None = None
         self.study_scanned = False
         self.new_study: bytes | None = None
@@ -309,6 +312,8 @@ class _Rewriter:
             value = text.encode("ascii")
         except UnicodeEncodeError:
             try:
+                if not self.encodings:
+                    raise ValueError("the default repertoire is ASCII")
                 value = encode_string(text, self.encodings)
             except (UnicodeEncodeError, LookupError, ValueError):
                 raise DeidentificationError(
@@ -347,7 +352,8 @@ class _Rewriter:
                 return stored.rstrip(b"\x00 ")
             new = self.uid_map.get(stored)
             if new is None:
-                new = self.uid_map[stored] = scheme.uid(stored)
+                new = self._study_reference(stored, enc) or scheme.uid(stored)
+                self.uid_map[stored] = new
             return new
         out = []
         for value in values:
@@ -355,8 +361,21 @@ class _Rewriter:
             if not value or value.startswith(_WELL_KNOWN_ROOT):
                 out.append(value)
             else:
-                out.append(scheme.uid_in_list(value))
+                out.append(self._study_reference(value, enc) or scheme.uid_in_list(value))
         return b"\\".join(out)
+
+    def _study_reference(self, value: bytes, enc: _Encoding) -> bytes | None:
+        """The file's new study UID when *value* is the file's study UID, else None.
+
+        A study is referenced by other elements too (an RT structure set's RT Referenced Study
+        Sequence names it as a ReferencedSOPInstanceUID). Under the ``mmiv`` schemes the
+        top-level StudyInstanceUID is hashed without its NUL pad and any other UID with it, so
+        without this the reference would not match the study it names.
+        """
+        study = self._top_level_study(enc)
+        if study is None or value.rstrip(b"\x00 ") != study.rstrip(b"\x00 "):
+            return None
+        return self._file_study(enc)
 
     def _file_study(self, enc: _Encoding) -> bytes | None:
         if self.new_study is None:
@@ -454,7 +473,9 @@ class _Rewriter:
             return True
         if policy != "keep" or key in self.profile.private_remove:
             return False
-        return vr != b"PN" and (vr != b"UN" or _private_vr(tag, creator) != b"PN")
+        # The dictionary is asked whatever the encoded VR: GE's (0009,1040) "Patient Object Name"
+        # (GEMS_GENIE_1) is a PN written as LO.
+        return vr != b"PN" and _private_vr(tag, creator) != b"PN"
 
     def rewrite(
         self, pos: int, end: int | None, enc: _Encoding, out: list[bytes | memoryview], top: bool
@@ -466,7 +487,10 @@ class _Rewriter:
         data, view, rules_for = self.data, self.view, self._rule_for
         limit = len(data) if end is None else end
         creators: dict[int, str] = {}
-        pending = self._top_additions() if top else []
+        pending: list[tuple[int, bytes, bool]] = []
+        if top:
+            self._top_charset(pos, enc)  # the additions are written in the dataset's charset
+            pending = self._top_additions()
         run = pos
         while pos < limit:
             if limit - pos < 8:
@@ -521,6 +545,14 @@ class _Rewriter:
             if is_sequence:
                 if action == Action.EMPTY:
                     out.append(enc.header(tag, vr, 0))
+                elif length != UNDEFINED and (vr == b"UN" or enc.implicit):
+                    # Without an explicit SQ, a reader that does not know the tag tells a
+                    # sequence only by its undefined length (CP-246) and warns about it, as
+                    # dcmdump does: a defined length stays defined (the items are implicit VR).
+                    items: list[bytes | memoryview] = []
+                    self._sequence(pos + hlen, length, _IMPLICIT_LE, tag, items)
+                    out.append(enc.header(tag, vr, sum(len(part) for part in items)))
+                    out.extend(items)
                 else:  # keep / clean: recurse into every item
                     inner = _IMPLICIT_LE if vr == b"UN" else enc
                     out.append(enc.header(tag, vr, UNDEFINED))
@@ -585,8 +617,16 @@ class _Rewriter:
             value = self.data[vpos : vpos + length]
         clean = value.rstrip(b"\x00 ")
         if tag == CHARSET:
-            names = [part.strip().decode("ascii", "replace") for part in value.split(b"\\")]
-            self.encodings = convert_encodings(names or [""])
+            names = [part.strip(b"\x00 ").decode("ascii", "replace") for part in value.split(b"\\")]
+            if names == [""]:
+                self.encodings = []
+                return
+            try:
+                self.encodings = convert_encodings(names)
+            except (ValueError, LookupError):
+                raise DeidentificationError(
+                    f"SpecificCharacterSet {value!r} names no character set"
+                ) from None
         elif tag == SOP_CLASS:
             self.sop_class = clean
         elif tag == STUDY_UID:
@@ -595,6 +635,17 @@ class _Rewriter:
             self.new_series = clean
         else:
             self.new_sop = clean
+
+    def _top_charset(self, pos: int, enc: _Encoding) -> None:
+        """Read the top-level SpecificCharacterSet ahead of the rewrite (it comes first)."""
+        size = len(self.data)
+        while pos + 8 <= size:
+            tag, vr, hlen, length = self._header(pos, enc, None)
+            if tag >= CHARSET:
+                if tag == CHARSET:
+                    self._note_top(tag, pos + hlen, length)
+                return
+            pos = self._element_end(pos, enc, tag, vr, hlen, length)
 
     def _top_additions(self) -> list[tuple[int, bytes, bool]]:
         """Elements the top level gains: (tag, encoded element, replaces an existing one)."""
@@ -694,7 +745,10 @@ def _read_meta(data: bytes) -> tuple[int, dict[int, bytes]]:
 def anonymize_bytes(data: bytes, profile: Profile, context: Context) -> Result:
     """De-identify one DICOM Part 10 file given as bytes. Pure and deterministic."""
     start, meta = _read_meta(data)
-    syntax = meta[0x00020010].rstrip(b"\x00 ").decode("ascii", "replace")
+    try:
+        syntax = meta[0x00020010].rstrip(b"\x00 ").decode("ascii")
+    except UnicodeDecodeError:
+        raise DeidentificationError("the TransferSyntaxUID is not a UID") from None
     body = data
     if syntax == DEFLATED:
         try:
