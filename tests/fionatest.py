@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ import numpy as np
 import yaml
 from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
+from pydicom.dataelem import DataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -212,3 +216,48 @@ def write_config(folder: Path, db_url: str, **sections: Any) -> Path:
     path = folder / "fiona.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+# -- de-identification (issue 3) ---------------------------------------------------------------
+
+TEST_SECRET = b"synthetic-test-secret-0123456789"  # not a real key: tests only
+
+
+def dicom_bytes(ds: Dataset) -> bytes:
+    """A dataset (with its file meta) as Part 10 bytes."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def read_dicom(data: bytes) -> Dataset:
+    return dcmread(io.BytesIO(data))
+
+
+def walk(ds: Dataset, path: tuple[int, ...] = ()) -> Iterator[tuple[tuple[int, ...], DataElement]]:
+    """Every element at every depth, with the tags of the sequences it is nested in."""
+    for elem in ds:
+        yield path, elem
+        if elem.VR == "SQ":
+            for item in elem.value:
+                yield from walk(item, (*path, int(elem.tag)))
+
+
+def dcmdump_problems(data: bytes) -> list[str]:
+    """dcmtk's dcmdump warnings and errors ("W:"/"E:" lines) about Part 10 *data*."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "file.dcm"
+        path.write_bytes(data)
+        result = subprocess.run(
+            [str(DCMTK / "dcmdump"), str(path)],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=60,
+            check=False,
+        )
+    lines = (result.stdout + result.stderr).splitlines()
+    problems = [line for line in lines if line.startswith(("W:", "E:", "F:"))]
+    if result.returncode != 0:
+        problems.append(f"dcmdump exit status {result.returncode}")
+    return problems
