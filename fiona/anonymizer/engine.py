@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final
 
-from pydicom.charset import convert_encodings, encode_string
+from pydicom.charset import convert_encodings, custom_encoders, encode_string
 from pydicom.datadict import dictionary_VR, private_dictionary_VR
 
 from fiona import __version__
@@ -176,6 +176,28 @@ def _private_vr(tag: int, creator: str) -> bytes:
         return b"UN"
 
 
+def _encodable(text: str, encodings: list[str]) -> bool:
+    """Whether one of *encodings* holds each character of *text* (none: ASCII only).
+
+    pydicom's ``encode_string`` does not fail where no character set holds a character: it
+    warns and writes "?" instead, which would put a wrong name into the output.
+    """
+    for char in set(text):
+        for encoding in encodings:
+            encoder = custom_encoders.get(encoding)
+            try:
+                if encoder is None:
+                    char.encode(encoding)
+                else:
+                    encoder(char, "strict")
+            except (UnicodeError, LookupError, ValueError):
+                continue
+            break
+        else:
+            return False
+    return True
+
+
 def _malformed(tag: int, pos: int, what: str) -> DeidentificationError:
     return DeidentificationError(
         f"malformed dataset: ({tag >> 16:04X},{tag & 0xFFFF:04X}) at offset {pos} {what}"
@@ -312,8 +334,8 @@ class _Rewriter:
             value = text.encode("ascii")
         except UnicodeEncodeError:
             try:
-                if not self.encodings:
-                    raise ValueError("the default repertoire is ASCII")
+                if not _encodable(text, self.encodings):
+                    raise ValueError("no character set of the dataset holds the value")
                 value = encode_string(text, self.encodings)
             except (UnicodeEncodeError, LookupError, ValueError):
                 raise DeidentificationError(
@@ -729,6 +751,8 @@ def _read_meta(data: bytes) -> tuple[int, dict[int, bytes]]:
                 length, hlen = u32.unpack_from(data, pos + 8)[0], 12
             else:
                 length, hlen = u16.unpack_from(data, pos + 6)[0], 8
+            if pos + hlen + length > len(data):
+                raise DeidentificationError("the file meta information is truncated")
             meta[group << 16 | elem] = data[pos + hlen : pos + hlen + length]
             pos += hlen + length
     except struct.error:
