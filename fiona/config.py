@@ -31,7 +31,11 @@ from fiona.errors import ConfigError
 
 __all__ = [
     "DatabaseConfig",
+    "DestinationConfig",
+    "DicomDestination",
     "FionaConfig",
+    "FolderDestination",
+    "ForwardingConfig",
     "LoggingConfig",
     "NodeConfig",
     "ProjectConfig",
@@ -113,6 +117,57 @@ class NodeConfig(_Frozen):
         return any(ip in ipaddress.ip_network(net, strict=False) for net in self.allowed_peers)
 
 
+class DicomDestination(_Frozen):
+    """A DICOM peer FIONA C-STOREs to (the research PACS)."""
+
+    kind: Literal["dicom"]
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)]
+    ae_title: str
+    """The called AE title."""
+    calling_ae_title: str | None = None
+    """Default: ``node.ae_title``."""
+    max_associations: Annotated[int, Field(ge=1, le=32)] = 2
+    """Parallel associations to this destination."""
+    timeout: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    """Seconds for the association, each DIMSE exchange and the network."""
+    batch_size: Annotated[int, Field(ge=1, le=10000)] = 200
+    """Instances sent per association (one series at most)."""
+
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _titles(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+
+class FolderDestination(_Frozen):
+    """A folder the de-identified files are written to (``<path>/<project>/<Study>/…``)."""
+
+    kind: Literal["folder"]
+    path: Path
+    max_associations: Annotated[int, Field(ge=1, le=32)] = 1
+    """Parallel writers."""
+    batch_size: Annotated[int, Field(ge=1, le=10000)] = 500
+
+
+DestinationConfig = Annotated[DicomDestination | FolderDestination, Field(discriminator="kind")]
+
+
+class ForwardingConfig(_Frozen):
+    """Retries and the circuit breaker, for every destination."""
+
+    retry_base_seconds: Annotated[float, Field(gt=0, le=86400)] = 10.0
+    """First retry after about this long; each further one waits twice as long (with jitter)."""
+    retry_cap_seconds: Annotated[float, Field(gt=0, le=86400)] = 900.0
+    """Longest wait between two attempts. Transient failures are retried without end."""
+    breaker_failures: Annotated[int, Field(ge=1, le=1000)] = 5
+    """Consecutive failed associations that open a destination's circuit breaker."""
+    breaker_probe_seconds: Annotated[float, Field(gt=0, le=86400)] = 30.0
+    """While open, C-ECHO (or check the folder) this often; resume when it answers."""
+    poll_seconds: Annotated[float, Field(gt=0, le=3600)] = 2.0
+    """How often idle senders look for due work."""
+
+
 class StorageConfig(_Frozen):
     """The spool: original files, quarantine and temporary files, on one filesystem."""
 
@@ -166,6 +221,8 @@ class ProjectConfig(_Frozen):
 
     ae_titles: tuple[str, ...] = ()
     active: bool = True
+    destinations: tuple[str, ...] = ()
+    """Names from ``destinations:``; every de-identified instance goes to each."""
     profile: str = "basic"
     uid_scheme: Literal["mmiv", "mmiv-hex", "hmac"] = "hmac"
     secret_file: Path | None = None
@@ -199,6 +256,29 @@ class FionaConfig(_Frozen):
     logging: LoggingConfig = LoggingConfig()
     stable_after_seconds: Annotated[float, Field(gt=0, le=86400)] = 15.0
     projects: dict[str, ProjectConfig] = {}
+    destinations: dict[str, DestinationConfig] = {}
+    forwarding: ForwardingConfig = ForwardingConfig()
+
+    @field_validator("destinations")
+    @classmethod
+    def _destination_names(
+        cls, value: dict[str, DicomDestination | FolderDestination]
+    ) -> dict[str, DicomDestination | FolderDestination]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+                raise ValueError(f"destination name {name!r}: letters, digits, _ . - (≤ 64)")
+        return value
+
+    @model_validator(mode="after")
+    def _known_destinations(self) -> FionaConfig:
+        for name, project in self.projects.items():
+            for destination in project.destinations:
+                if destination not in self.destinations:
+                    known = ", ".join(sorted(self.destinations)) or "none"
+                    raise ValueError(
+                        f"project {name}: unknown destination {destination!r} (defined: {known})"
+                    )
+        return self
 
     @field_validator("projects")
     @classmethod
@@ -277,6 +357,12 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
             rest = url[len("sqlite:///") :]
             if rest and not rest.startswith(":memory:"):
                 database["url"] = "sqlite:///" + str((base / rest).resolve())
+    destinations = raw.get("destinations")
+    if isinstance(destinations, dict):
+        for destination in destinations.values():
+            if isinstance(destination, dict) and isinstance(destination.get("path"), str):
+                path = Path(destination["path"]).expanduser()
+                destination["path"] = str(path if path.is_absolute() else (base / path).resolve())
     projects = raw.get("projects")
     if isinstance(projects, dict):
         for project in projects.values():

@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -31,12 +32,17 @@ __all__ = [
     "AuditEvent",
     "AuditEventType",
     "Base",
+    "Delivery",
+    "DeliveryState",
+    "DestinationState",
     "Instance",
     "InstanceState",
     "QuarantinedFile",
+    "RequestStatus",
     "Series",
     "Study",
     "StudyState",
+    "TransferRequest",
     "UTCDateTime",
 ]
 
@@ -94,6 +100,42 @@ class AuditEventType(enum.Enum):
     SPOOL_RECONCILED = "SPOOL_RECONCILED"
     FILE_MISSING = "FILE_MISSING"
     IMPORT_FINISHED = "IMPORT_FINISHED"
+    REQUEST_CREATED = "REQUEST_CREATED"
+    REQUEST_FAILED = "REQUEST_FAILED"
+    REQUEST_COMPLETED = "REQUEST_COMPLETED"
+    DEIDENTIFIED = "DEIDENTIFIED"
+    DEIDENTIFICATION_FAILED = "DEIDENTIFICATION_FAILED"
+    DELIVERED = "DELIVERED"
+    DELIVERY_FAILED = "DELIVERY_FAILED"
+    DELIVERY_RETRIED = "DELIVERY_RETRIED"
+    BREAKER_OPENED = "BREAKER_OPENED"
+    BREAKER_CLOSED = "BREAKER_CLOSED"
+
+
+class RequestStatus(enum.Enum):
+    """A transfer request's status (the strings of MMIV's REDCap instrument)."""
+
+    NEW = "new"
+    WAITING_FOR_DATA = "waiting-for-data"
+    PROCESSING = "processing"
+    SENT = "sent"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    HELD = "held"
+    CANCELLED = "cancelled"
+
+
+class DeliveryState(enum.Enum):
+    """One (request, instance, destination) row of the delivery ledger."""
+
+    PENDING = "PENDING"
+    """Due at ``next_attempt_at``."""
+    IN_FLIGHT = "IN_FLIGHT"
+    """Claimed by a sender until ``lease_until`` (a crash leaves it to be sent again)."""
+    DELIVERED = "DELIVERED"
+    """Acknowledged (success or warning status)."""
+    FAILED = "FAILED"
+    """Permanent failure (reason in ``last_error``); an operator may retry it."""
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:
@@ -200,6 +242,92 @@ class QuarantinedFile(Base):
     sop_class_uid: Mapped[str | None] = mapped_column(String(128))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     digest: Mapped[str] = mapped_column(String(64))
+
+
+class TransferRequest(Base):
+    """Study → project, pseudonym, event: one row per request (REDCap-like field names).
+
+    This table is the only place where an original study is linked to its pseudonym; it is
+    protected like the spool. Issue 5 adds the poller, validation and the REDCap adapter.
+    """
+
+    __tablename__ = "transfer_requests"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    """The original StudyInstanceUID."""
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    transfer_project_name: Mapped[str] = mapped_column(String(64), index=True)
+    transfer_name: Mapped[str] = mapped_column(String(64))
+    """The pseudonym."""
+    transfer_event_name: Mapped[str] = mapped_column(String(64), default="")
+    transfer_site: Mapped[str | None] = mapped_column(String(64))
+    transfer_date_offset_days: Mapped[int | None] = mapped_column(Integer)
+    transfer_requested_date: Mapped[datetime] = mapped_column(UTCDateTime)
+    requested_by: Mapped[str] = mapped_column(String(128))
+    status: Mapped[RequestStatus] = mapped_column(_enum(RequestStatus), index=True)
+    transfer_date: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    transfer_mapped_uid: Mapped[str | None] = mapped_column(UID)
+    """The new StudyInstanceUID."""
+    transfer_error: Mapped[str | None] = mapped_column(String(64))
+    """Flags: ``de-identification``, ``sending``, ``held`` (comma-separated)."""
+    transfer_error_message: Mapped[str | None] = mapped_column(Text)
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
+    source: Mapped[str] = mapped_column(String(16), default="table")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Delivery(Base):
+    """The delivery ledger: one row per (request, instance, destination)."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("request_id", "instance_id", "destination", name="uq_delivery"),
+        Index("ix_deliveries_due", "destination", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[int] = mapped_column(ForeignKey("transfer_requests.id"), index=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    """C-STOREs (or writes) started; more than one success-worthy attempt means a resend."""
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    """The last DIMSE status (None: no answer)."""
+    last_error_class: Mapped[str | None] = mapped_column(String(40))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    """Why the last attempt failed (never patient data)."""
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    digest: Mapped[str] = mapped_column(String(64))
+    """SHA-256 of the de-identified bytes (the same on every resend)."""
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    new_study_instance_uid: Mapped[str] = mapped_column(UID)
+    new_series_instance_uid: Mapped[str] = mapped_column(UID)
+    new_sop_instance_uid: Mapped[str] = mapped_column(UID)
+    acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class DestinationState(Base):
+    """A destination's circuit breaker, shared by every FIONA process."""
+
+    __tablename__ = "destination_states"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    breaker_open: Mapped[bool] = mapped_column(default=False)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    opened_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    next_probe_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class AuditEvent(Base):

@@ -55,6 +55,7 @@ def configure_pynetdicom(spool: Spool) -> None:
     """
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.STORE_SEND_CHUNKED_DATASET = True  # the forwarder streams files, never decodes
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     _config.LOG_HANDLER_LEVEL = "none"
     tempfile.tempdir = str(spool.tmp)
@@ -123,6 +124,7 @@ class Node:
     services: NodeServices | None = None
     _server: Any = None
     _scheduler: BackgroundScheduler | None = None
+    _forwarder: Any = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
@@ -196,6 +198,14 @@ class Node:
             id="stability-sweep",
         )
         self._scheduler.start()
+        if config.destinations:
+            from fiona.forwarder.service import Forwarder
+
+            self._forwarder = Forwarder(
+                config, services.session_factory, services.spool.root, services.node_key,
+                self.clock,
+            )  # fmt: skip
+            self._forwarder.start()
 
     @property
     def port(self) -> int:
@@ -237,6 +247,8 @@ class Node:
                 assoc.abort()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
+        if self._forwarder is not None:
+            self._forwarder.stop()
         if self.services is not None:
             if not self.worker:
                 self._sweep()

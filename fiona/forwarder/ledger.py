@@ -1,0 +1,594 @@
+"""The delivery ledger: one row per (request, instance, destination), in the database.
+
+Every step is a committed state change, so any process can die at any moment:
+
+* :func:`prepare` de-identifies each instance of a ``processing`` request once (outside any
+  transaction), records the new UIDs and the digest of the de-identified bytes, and adds a
+  ``PENDING`` row per destination — only for instances that have none yet, so late series add
+  rows for their new instances only.
+* :func:`claim` leases a batch of due rows of one destination (one request and series at a
+  time; ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, SQLite's write lock otherwise) and counts the
+  attempt. A crash leaves them ``IN_FLIGHT`` until the lease runs out; then they are due again
+  and are sent again (the ledger's ``attempts`` shows the resend).
+* :func:`record` writes each outcome: delivered, retry later (exponential backoff with jitter),
+  or failed with the reason. Then the request's status is rolled up from its rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from fiona.anonymizer import Context, anonymize_bytes
+from fiona.anonymizer.projects import ProjectDeidentification, project_deidentification
+from fiona.audit import audit_event
+from fiona.config import FionaConfig, ForwardingConfig
+from fiona.db import (
+    AuditEventType,
+    Delivery,
+    DeliveryState,
+    DestinationState,
+    Instance,
+    RequestStatus,
+    TransferRequest,
+)
+from fiona.errors import ConfigError, DeidentificationError
+from fiona.forwarder.classify import Kind, Outcome
+from fiona.keys import keyed_hash
+
+__all__ = [
+    "WorkItem",
+    "claim",
+    "deidentify_item",
+    "prepare",
+    "record",
+    "recover_leases",
+    "release_owner",
+    "retry_failed",
+]
+
+DEID_FAILED = "deidentification"
+_CONTEXT_FIELDS = ("transfer_name", "transfer_event_name", "transfer_site")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """One claimed delivery: what to send where, and how to rebuild the de-identified bytes."""
+
+    delivery_id: int
+    request_id: int
+    destination: str
+    path: Path
+    """The original file in the spool."""
+    digest: str
+    project: str
+    pseudonym: str
+    event: str
+    site: str
+    date_offset_days: int | None
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    new_study_instance_uid: str
+    new_series_instance_uid: str
+    new_sop_instance_uid: str
+    attempts: int
+
+
+def _context(settings: ProjectDeidentification, request: TransferRequest) -> Context:
+    return settings.context(
+        request.transfer_name,
+        event=request.transfer_event_name or "",
+        site=request.transfer_site or "",
+        date_offset_days=request.transfer_date_offset_days,
+    )
+
+
+def deidentify_item(
+    item: WorkItem, settings: ProjectDeidentification
+) -> tuple[bytes | None, Outcome | None]:
+    """Rebuild an item's de-identified bytes (deterministic) and check them against the digest."""
+    context = settings.context(
+        item.pseudonym,
+        event=item.event,
+        site=item.site,
+        date_offset_days=item.date_offset_days,
+    )
+    try:
+        data = anonymize_bytes(item.path.read_bytes(), settings.profile, context).data
+    except (OSError, DeidentificationError) as exc:
+        return None, Outcome(Kind.PERMANENT, DEID_FAILED, f"cannot de-identify: {exc}")
+    if hashlib.sha256(data).hexdigest() != item.digest:
+        return None, Outcome(
+            Kind.PERMANENT,
+            "output-changed",
+            "the de-identified bytes differ from those prepared (the project's profile, UID "
+            "scheme or secret changed?): retry the request to prepare it again",
+        )
+    return data, None
+
+
+def prepare(
+    session_factory: sessionmaker[Session],
+    config: FionaConfig,
+    storage: Path,
+    node_key: bytes,
+    now: datetime,
+    request_ids: Sequence[int] | None = None,
+) -> int:
+    """Add ledger rows for every ``processing`` request (or the given ones); return the count."""
+    with session_factory() as session:
+        query = select(TransferRequest.id).where(TransferRequest.status == RequestStatus.PROCESSING)
+        if request_ids is not None:
+            query = query.where(TransferRequest.id.in_(request_ids))
+        ids = list(session.scalars(query))
+    added = 0
+    settings_cache: dict[str, ProjectDeidentification] = {}
+    for request_id in ids:
+        added += _prepare_one(
+            session_factory, config, storage, node_key, now, request_id, settings_cache
+        )
+    return added
+
+
+def _prepare_one(
+    session_factory: sessionmaker[Session],
+    config: FionaConfig,
+    storage: Path,
+    node_key: bytes,
+    now: datetime,
+    request_id: int,
+    settings_cache: dict[str, ProjectDeidentification],
+) -> int:
+    with session_factory() as session:
+        request = session.get(TransferRequest, request_id)
+        if request is None or request.study_id is None:
+            return 0
+        project = config.projects.get(request.transfer_project_name)
+        destinations = project.destinations if project is not None else ()
+        done = {
+            (row[0], row[1])
+            for row in session.execute(
+                select(Delivery.instance_id, Delivery.destination).where(
+                    Delivery.request_id == request_id
+                )
+            )
+        }
+        instances = [
+            (inst.id, inst.path, inst.sop_class_uid, inst.transfer_syntax_uid)
+            for inst in session.scalars(
+                select(Instance)
+                .where(Instance.study_id == request.study_id, Instance.file_missing.is_(False))
+                .order_by(Instance.series_id, Instance.id)
+            )
+            if any((inst.id, name) not in done for name in destinations)
+        ]
+        session.expunge(request)
+    if not instances:
+        _rollup(session_factory, request_id, now, node_key)
+        return 0
+    try:
+        settings = settings_cache.get(request.transfer_project_name)
+        if settings is None:
+            settings = project_deidentification(config, request.transfer_project_name)
+            settings_cache[request.transfer_project_name] = settings
+    except ConfigError as exc:
+        _fail_request(session_factory, request_id, now, f"configuration: {exc}")
+        return 0
+    context = _context(settings, request)
+    rows: list[Delivery] = []
+    failures: list[str] = []
+    new_study: str | None = None
+    for instance_id, rel_path, sop_class, syntax in instances:
+        outcome_error: str | None = None
+        try:
+            result = anonymize_bytes((storage / rel_path).read_bytes(), settings.profile, context)
+        except (OSError, DeidentificationError) as exc:
+            outcome_error = f"cannot de-identify: {exc}"
+            digest, uids = "", ("", "", "")
+        else:
+            digest = hashlib.sha256(result.data).hexdigest()
+            uids = (
+                result.study_instance_uid or "",
+                result.series_instance_uid or "",
+                result.sop_instance_uid or "",
+            )
+            new_study = new_study or result.study_instance_uid
+        if outcome_error is not None:
+            failures.append(outcome_error)
+        for name in destinations:
+            if (instance_id, name) in done:
+                continue
+            rows.append(
+                Delivery(
+                    request_id=request_id,
+                    instance_id=instance_id,
+                    destination=name,
+                    state=DeliveryState.FAILED if outcome_error else DeliveryState.PENDING,
+                    attempts=0,
+                    last_error_class=DEID_FAILED if outcome_error else None,
+                    last_error=outcome_error,
+                    next_attempt_at=now,
+                    digest=digest,
+                    sop_class_uid=sop_class,
+                    transfer_syntax_uid=syntax,
+                    new_study_instance_uid=uids[0],
+                    new_series_instance_uid=uids[1],
+                    new_sop_instance_uid=uids[2],
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+    with session_factory() as session, session.begin():
+        session.add_all(rows)
+        stored = session.get(TransferRequest, request_id)
+        if stored is not None and new_study and not stored.transfer_mapped_uid:
+            stored.transfer_mapped_uid = new_study
+        study_key = (
+            keyed_hash(node_key, request.study_instance_uid) if request.study_instance_uid else None
+        )
+        session.add(
+            audit_event(
+                AuditEventType.DEIDENTIFIED,
+                actor="fiona",
+                occurred_at=now,
+                project=request.transfer_project_name,
+                request_id=request_id,
+                study_key=study_key,
+                profile=settings.profile.name,
+                profile_version=settings.profile.version,
+                profile_sha256=settings.profile.digest,
+                uid_scheme=settings.scheme_name,
+                pseudonym=request.transfer_name,
+                new_study_instance_uid=new_study,
+                instances=len(instances) - len(failures),
+                failed=len(failures),
+                destinations=list(destinations),
+            )
+        )
+        for reason in sorted(set(failures)):
+            session.add(
+                audit_event(
+                    AuditEventType.DEIDENTIFICATION_FAILED,
+                    actor="fiona",
+                    occurred_at=now,
+                    project=request.transfer_project_name,
+                    request_id=request_id,
+                    study_key=study_key,
+                    reason=reason,
+                )
+            )
+    _rollup(session_factory, request_id, now, node_key)
+    return len(rows)
+
+
+def _fail_request(
+    session_factory: sessionmaker[Session], request_id: int, now: datetime, reason: str
+) -> None:
+    with session_factory() as session, session.begin():
+        request = session.get(TransferRequest, request_id)
+        if request is None:
+            return
+        request.status = RequestStatus.FAILED
+        request.transfer_error = DEID_FAILED
+        request.transfer_error_message = reason
+        request.updated_at = now
+        session.add(
+            audit_event(
+                AuditEventType.REQUEST_FAILED,
+                actor="fiona",
+                occurred_at=now,
+                project=request.transfer_project_name,
+                request_id=request_id,
+                reason=reason,
+            )
+        )
+
+
+def _rollup(
+    session_factory: sessionmaker[Session], request_id: int, now: datetime, node_key: bytes
+) -> None:
+    """Derive a ``processing`` request's status from its ledger rows."""
+    with session_factory() as session, session.begin():
+        request = session.get(TransferRequest, request_id)
+        if request is None or request.status != RequestStatus.PROCESSING:
+            return
+        counts: Counter[DeliveryState] = Counter(
+            dict(
+                (state, count)
+                for state, count in session.execute(
+                    select(Delivery.state, func.count())
+                    .where(Delivery.request_id == request_id)
+                    .group_by(Delivery.state)
+                )
+            )
+        )
+        if counts[DeliveryState.PENDING] or counts[DeliveryState.IN_FLIGHT]:
+            return
+        delivered, failed = counts[DeliveryState.DELIVERED], counts[DeliveryState.FAILED]
+        flags = []
+        messages: list[str] = []
+        if failed:
+            classes = dict(
+                (cls or "", reason or "")
+                for cls, reason in session.execute(
+                    select(Delivery.last_error_class, Delivery.last_error)
+                    .where(
+                        Delivery.request_id == request_id,
+                        Delivery.state == DeliveryState.FAILED,
+                    )
+                    .distinct()
+                    .limit(20)
+                )
+            )
+            if DEID_FAILED in classes:
+                flags.append("de-identification")
+            if set(classes) - {DEID_FAILED}:
+                flags.append("sending")
+            messages = sorted(set(classes.values()))[:3]
+        if not delivered and not failed:
+            request.status = RequestStatus.FAILED
+            request.transfer_error_message = "the study has no instances to send"
+        elif failed and delivered:
+            request.status = RequestStatus.PARTIAL
+        elif failed:
+            request.status = RequestStatus.FAILED
+        else:
+            request.status = RequestStatus.SENT
+        request.transfer_error = ",".join(flags) or None
+        if messages:
+            request.transfer_error_message = "; ".join(messages)
+        elif request.status == RequestStatus.SENT:
+            request.transfer_error_message = None
+        request.transfer_date = now
+        request.updated_at = now
+        session.add(
+            audit_event(
+                AuditEventType.REQUEST_COMPLETED,
+                actor="fiona",
+                occurred_at=now,
+                project=request.transfer_project_name,
+                request_id=request_id,
+                study_key=(
+                    keyed_hash(node_key, request.study_instance_uid)
+                    if request.study_instance_uid
+                    else None
+                ),
+                status=request.status.value,
+                delivered=delivered,
+                failed=failed,
+                new_study_instance_uid=request.transfer_mapped_uid,
+            )
+        )
+
+
+def claim(
+    session_factory: sessionmaker[Session],
+    storage: Path,
+    destination: str,
+    owner: str,
+    now: datetime,
+    lease_seconds: float,
+    limit: int,
+) -> list[WorkItem]:
+    """Lease up to *limit* due rows of *destination* (one request and series) and count them."""
+    with session_factory() as session, session.begin():
+        query = (
+            select(Delivery)
+            .where(
+                Delivery.destination == destination,
+                Delivery.state == DeliveryState.PENDING,
+                Delivery.next_attempt_at <= now,
+            )
+            .order_by(Delivery.next_attempt_at, Delivery.request_id, Delivery.id)
+            .limit(limit)
+        )
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        rows = list(session.scalars(query))
+        if not rows:
+            return []
+        first = rows[0]
+        rows = [
+            row
+            for row in rows
+            if row.request_id == first.request_id
+            and row.new_series_instance_uid == first.new_series_instance_uid
+        ]
+        request = session.get(TransferRequest, first.request_id)
+        assert request is not None
+        items = []
+        lease = now + timedelta(seconds=lease_seconds)
+        for row in rows:
+            instance = session.get(Instance, row.instance_id)
+            assert instance is not None
+            row.state = DeliveryState.IN_FLIGHT
+            row.lease_until = lease
+            row.lease_owner = owner
+            row.attempts += 1
+            row.updated_at = now
+            items.append(
+                WorkItem(
+                    delivery_id=row.id,
+                    request_id=row.request_id,
+                    destination=destination,
+                    path=storage / instance.path,
+                    digest=row.digest,
+                    project=request.transfer_project_name,
+                    pseudonym=request.transfer_name,
+                    event=request.transfer_event_name or "",
+                    site=request.transfer_site or "",
+                    date_offset_days=request.transfer_date_offset_days,
+                    sop_class_uid=row.sop_class_uid,
+                    transfer_syntax_uid=row.transfer_syntax_uid,
+                    new_study_instance_uid=row.new_study_instance_uid,
+                    new_series_instance_uid=row.new_series_instance_uid,
+                    new_sop_instance_uid=row.new_sop_instance_uid,
+                    attempts=row.attempts,
+                )
+            )
+        return items
+
+
+def backoff(attempts: int, policy: ForwardingConfig, rng: Callable[[], float]) -> float:
+    """Seconds before the next attempt: base · 2^(n-1), capped, times a jitter in [0.5, 1)."""
+    exponent = min(max(0, attempts - 1), 40)
+    delay = min(policy.retry_cap_seconds, policy.retry_base_seconds * float(2**exponent))
+    return float(delay * (0.5 + rng() / 2))
+
+
+def record(
+    session_factory: sessionmaker[Session],
+    results: Sequence[tuple[WorkItem, Outcome]],
+    now: datetime,
+    policy: ForwardingConfig,
+    node_key: bytes,
+    rng: Callable[[], float] = random.random,
+) -> None:
+    """Write the outcome of each attempt; roll the requests up."""
+    if not results:
+        return
+    requests: set[int] = set()
+    with session_factory() as session, session.begin():
+        delivered: Counter[str] = Counter()
+        for item, outcome in results:
+            row = session.get(Delivery, item.delivery_id)
+            if row is None or row.state != DeliveryState.IN_FLIGHT:
+                continue  # released meanwhile (lease expired and re-claimed): theirs now
+            row.last_status = outcome.status
+            row.lease_until = None
+            row.lease_owner = None
+            row.updated_at = now
+            requests.add(row.request_id)
+            if outcome.kind.delivered:
+                row.state = DeliveryState.DELIVERED
+                row.acknowledged_at = now
+                row.last_error_class = "warning" if outcome.kind == Kind.WARNING else None
+                row.last_error = outcome.reason if outcome.kind == Kind.WARNING else None
+                delivered[f"0x{outcome.status or 0:04X}"] += 1
+            elif outcome.kind == Kind.TRANSIENT:
+                row.state = DeliveryState.PENDING
+                row.last_error_class = outcome.label
+                row.last_error = outcome.reason
+                row.next_attempt_at = now + timedelta(seconds=backoff(row.attempts, policy, rng))
+            else:
+                row.state = DeliveryState.FAILED
+                row.last_error_class = outcome.label
+                row.last_error = outcome.reason
+                session.add(
+                    audit_event(
+                        AuditEventType.DELIVERY_FAILED,
+                        actor="fiona",
+                        occurred_at=now,
+                        project=item.project,
+                        request_id=item.request_id,
+                        destination=item.destination,
+                        sop_instance_uid=item.new_sop_instance_uid,
+                        error_class=outcome.label,
+                        reason=outcome.reason,
+                    )
+                )
+        first = results[0][0]
+        if delivered:
+            session.add(
+                audit_event(
+                    AuditEventType.DELIVERED,
+                    actor=first.destination,
+                    occurred_at=now,
+                    project=first.project,
+                    request_id=first.request_id,
+                    destination=first.destination,
+                    new_series_instance_uid=first.new_series_instance_uid,
+                    instances=sum(delivered.values()),
+                    statuses=dict(delivered),
+                )
+            )
+    for request_id in sorted(requests):
+        _rollup(session_factory, request_id, now, node_key)
+
+
+def recover_leases(session_factory: sessionmaker[Session], now: datetime) -> int:
+    """Make ``IN_FLIGHT`` rows whose lease ran out due again (their sender died)."""
+    with session_factory() as session, session.begin():
+        result = session.execute(
+            update(Delivery)
+            .where(Delivery.state == DeliveryState.IN_FLIGHT, Delivery.lease_until < now)
+            .values(
+                state=DeliveryState.PENDING,
+                lease_until=None,
+                lease_owner=None,
+                next_attempt_at=now,
+                updated_at=now,
+            )
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+
+def release_owner(session_factory: sessionmaker[Session], owner_prefix: str, now: datetime) -> int:
+    """At start-up: rows leased by an earlier run of this node are due again at once."""
+    with session_factory() as session, session.begin():
+        result = session.execute(
+            update(Delivery)
+            .where(
+                Delivery.state == DeliveryState.IN_FLIGHT,
+                Delivery.lease_owner.like(f"{owner_prefix}%"),
+            )
+            .values(
+                state=DeliveryState.PENDING,
+                lease_until=None,
+                lease_owner=None,
+                next_attempt_at=now,
+                updated_at=now,
+            )
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+
+def retry_failed(
+    session_factory: sessionmaker[Session], request_id: int, now: datetime, actor: str
+) -> int:
+    """Operator action: make a request's failed rows due again (after fixing the cause)."""
+    with session_factory() as session, session.begin():
+        result = session.execute(
+            update(Delivery)
+            .where(
+                Delivery.request_id == request_id,
+                Delivery.state == DeliveryState.FAILED,
+                Delivery.last_error_class != DEID_FAILED,
+            )
+            .values(state=DeliveryState.PENDING, next_attempt_at=now, updated_at=now)
+        )
+        count = int(getattr(result, "rowcount", 0) or 0)
+        request = session.get(TransferRequest, request_id)
+        if count and request is not None:
+            request.status = RequestStatus.PROCESSING
+            request.updated_at = now
+            session.add(
+                audit_event(
+                    AuditEventType.DELIVERY_RETRIED,
+                    actor=actor,
+                    occurred_at=now,
+                    project=request.transfer_project_name,
+                    request_id=request_id,
+                    instances=count,
+                )
+            )
+        return count
+
+
+def breaker_state(session: Session, name: str, now: datetime) -> DestinationState:
+    state = session.get(DestinationState, name)
+    if state is None:
+        state = DestinationState(
+            name=name, breaker_open=False, consecutive_failures=0, updated_at=now
+        )
+        session.add(state)
+        session.flush()
+    return state

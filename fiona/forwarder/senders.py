@@ -1,0 +1,265 @@
+"""Senders: put de-identified instances into a destination and classify what happened.
+
+``DicomSender`` C-STOREs one batch (one series of one request) per association. Presentation
+contexts come from the batch's actual (SOP class, transfer syntax) pairs: the stored transfer
+syntax plus Explicit VR Little Endian as a fallback, at most 128 contexts per association
+(larger batches are split). An instance is sent in its stored encoding when that context was
+accepted; an uncompressed instance is re-encoded by pynetdicom when only another uncompressed
+syntax was accepted; a compressed one for which the destination accepted neither its syntax nor
+Explicit VR Little Endian is a permanent failure naming both (FIONA never decodes pixel data).
+
+``FolderSender`` writes ``<path>/<project>/<Study>/<Series>/<SOP>.dcm`` atomically (temporary
+file, fsync, rename, fsync of the folder).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from pydicom import dcmread
+from pydicom.uid import UID, ExplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from fiona.config import DicomDestination, FolderDestination
+from fiona.forwarder.classify import Kind, Outcome, classify_status, transport_failure
+from fiona.forwarder.ledger import WorkItem
+from fiona.scu import set_nodelay
+
+__all__ = ["DicomSender", "FolderSender", "Prepared", "Sender"]
+
+MAX_CONTEXTS = 128
+_UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+
+Prepared = tuple[WorkItem, bytes]
+"""A claimed item with its de-identified bytes."""
+
+
+class Sender(Protocol):
+    """What the forwarder needs from a destination."""
+
+    def send(self, batch: Sequence[Prepared]) -> list[tuple[WorkItem, Outcome]]: ...
+
+    def probe(self) -> tuple[bool, str]: ...
+
+
+def _contexts(batch: Sequence[Prepared]) -> list[tuple[str, str]]:
+    pairs: list[tuple[str, str]] = []
+    for item, _data in batch:
+        for syntax in (item.transfer_syntax_uid, ExplicitVRLittleEndian):
+            pair = (item.sop_class_uid, syntax)
+            if pair not in pairs:
+                pairs.append(pair)
+    return pairs
+
+
+def split_for_contexts(batch: Sequence[Prepared]) -> list[list[Prepared]]:
+    """Split a batch so that no association needs more than 128 presentation contexts."""
+    groups: list[list[Prepared]] = []
+    current: list[Prepared] = []
+    for prepared in batch:
+        if len(_contexts([*current, prepared])) > MAX_CONTEXTS:
+            groups.append(current)
+            current = []
+        current.append(prepared)
+    if current:
+        groups.append(current)
+    return groups
+
+
+class DicomSender:
+    """C-STORE SCU for one DICOM destination."""
+
+    def __init__(
+        self, name: str, destination: DicomDestination, calling_ae_title: str, tmp_dir: Path
+    ) -> None:
+        self.name = name
+        self.destination = destination
+        self.calling_ae_title = destination.calling_ae_title or calling_ae_title
+        self.tmp_dir = tmp_dir
+
+    def _ae(self) -> AE:
+        ae = AE(ae_title=self.calling_ae_title)
+        timeout = self.destination.timeout
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+        ae.connection_timeout = min(timeout, 30.0)
+        return ae
+
+    def probe(self) -> tuple[bool, str]:
+        """C-ECHO the destination."""
+        ae = self._ae()
+        ae.add_requested_context(Verification)
+        dest = self.destination
+        assoc = ae.associate(
+            dest.host, dest.port, ae_title=dest.ae_title,
+            evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+        )  # fmt: skip
+        if not assoc.is_established:
+            return False, self._not_established(assoc).reason
+        try:
+            status = assoc.send_c_echo()
+        finally:
+            assoc.release()
+        code = getattr(status, "Status", None)
+        return code == 0x0000, f"C-ECHO status {code!r}"
+
+    def _not_established(self, assoc: object) -> Outcome:
+        dest = self.destination
+        where = f"{dest.ae_title}@{dest.host}:{dest.port}"
+        if getattr(assoc, "is_rejected", False):
+            primitive = getattr(getattr(assoc, "acceptor", None), "primitive", None)
+            result = getattr(primitive, "result", None)
+            reason = getattr(primitive, "reason_str", "") or ""
+            if result == 0x01:
+                return transport_failure(
+                    "rejected-permanent",
+                    f"association rejected (permanent) by {where}: {reason}",
+                    permanent=True,
+                )
+            return transport_failure(
+                "rejected-transient", f"association rejected (transient) by {where}: {reason}"
+            )
+        if getattr(assoc, "is_aborted", False):
+            return transport_failure(
+                "aborted", f"association aborted by {where} (no presentation context accepted?)"
+            )
+        return transport_failure("unreachable", f"no association with {where} (refused/timeout)")
+
+    def send(self, batch: Sequence[Prepared]) -> list[tuple[WorkItem, Outcome]]:
+        results: list[tuple[WorkItem, Outcome]] = []
+        for group in split_for_contexts(batch):
+            results.extend(self._send_group(group))
+        return results
+
+    def _send_group(self, group: Sequence[Prepared]) -> list[tuple[WorkItem, Outcome]]:
+        ae = self._ae()
+        contexts = [build_context(sop, [syntax]) for sop, syntax in _contexts(group)]
+        dest = self.destination
+        assoc = ae.associate(
+            dest.host, dest.port, ae_title=dest.ae_title, contexts=contexts,
+            evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+        )  # fmt: skip
+        if not assoc.is_established:
+            failure = self._not_established(assoc)
+            return [(item, failure) for item, _data in group]
+        results: list[tuple[WorkItem, Outcome]] = []
+        try:
+            accepted = {
+                (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                for cx in assoc.accepted_contexts
+            }
+            for index, (item, data) in enumerate(group):
+                if not assoc.is_established:
+                    lost = transport_failure("aborted", "association ended during the batch")
+                    results.extend((rest, lost) for rest, _d in group[index:])
+                    break
+                results.append((item, self._store(assoc, accepted, item, data)))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return results
+
+    def _store(
+        self, assoc: object, accepted: set[tuple[str, str]], item: WorkItem, data: bytes
+    ) -> Outcome:
+        sop, syntax = item.sop_class_uid, item.transfer_syntax_uid
+        if (sop, syntax) in accepted:
+            payload: object = self._spill(data)
+        elif syntax in _UNCOMPRESSED and any(s == sop and t in _UNCOMPRESSED for s, t in accepted):
+            # pynetdicom re-encodes an uncompressed dataset for another uncompressed syntax.
+            import io
+
+            payload = dcmread(io.BytesIO(data))
+        else:
+            offered = UID(syntax).name
+            return transport_failure(
+                "no-context",
+                f"{self.destination.ae_title} accepts neither {offered} nor Explicit VR Little "
+                f"Endian for {UID(sop).name}; FIONA does not decompress pixel data",
+                permanent=True,
+            )
+        try:
+            status = assoc.send_c_store(payload)  # type: ignore[attr-defined]
+        except (RuntimeError, ValueError, OSError) as exc:
+            return transport_failure(
+                "send-error", f"C-STORE could not be sent: {type(exc).__name__}"
+            )
+        finally:
+            if isinstance(payload, Path):
+                payload.unlink(missing_ok=True)
+        code = getattr(status, "Status", None)
+        return classify_status(code if isinstance(code, int) else None)
+
+    def _spill(self, data: bytes) -> Path:
+        """Write the bytes where pynetdicom streams them from (no fsync: a scratch copy)."""
+        fd, name = tempfile.mkstemp(prefix="fwd-", suffix=".dcm", dir=self.tmp_dir)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        return Path(name)
+
+
+class FolderSender:
+    """Writes de-identified files into a folder tree, durably."""
+
+    def __init__(self, name: str, destination: FolderDestination) -> None:
+        self.name = name
+        self.root = destination.path
+
+    def probe(self) -> tuple[bool, str]:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            ok = os.access(self.root, os.W_OK)
+        except OSError as exc:
+            return False, f"{self.root}: {exc.strerror}"
+        return ok, f"{self.root} writable" if ok else f"{self.root} not writable"
+
+    def send(self, batch: Sequence[Prepared]) -> list[tuple[WorkItem, Outcome]]:
+        results = []
+        for item, data in batch:
+            target = (
+                self.root
+                / item.project
+                / item.new_study_instance_uid
+                / item.new_series_instance_uid
+                / f"{item.new_sop_instance_uid}.dcm"
+            )
+            try:
+                _write_durably(target, data)
+            except OSError as exc:
+                results.append(
+                    (
+                        item,
+                        transport_failure("write-error", f"cannot write {target}: {exc.strerror}"),
+                    )
+                )
+            else:
+                results.append((item, Outcome(Kind.SUCCESS, "written", f"written to {target}", 0)))
+        return results
+
+
+def _write_durably(target: Path, data: bytes) -> None:
+    folder = target.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".fiona-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+SenderFactory = Callable[[str], Sender]
