@@ -267,6 +267,80 @@ def anonymize(
 
 @main.command()
 @_config_option
+@click.option("--request", "request_id", type=int, required=True, help="Transfer request id.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option(
+    "--retry", is_flag=True, help="Make the request's failed deliveries due again (cause fixed)."
+)
+def transfers(config_path: Path | None, request_id: int, as_json: bool, retry: bool) -> None:
+    """The delivery ledger of one transfer request: every instance, every destination."""
+    import getpass
+
+    from sqlalchemy import select
+
+    from fiona.audit import utcnow
+    from fiona.db import Delivery, TransferRequest, make_engine, make_sessionmaker, upgrade
+    from fiona.forwarder.ledger import retry_failed
+
+    config = _load(config_path)
+    engine = make_engine(config.database.url)
+    upgrade(engine)
+    if retry:
+        count = retry_failed(make_sessionmaker(engine), request_id, utcnow(), getpass.getuser())
+        click.echo(f"request {request_id}: {count} failed deliveries are due again")
+    with make_sessionmaker(engine)() as session:
+        request = session.get(TransferRequest, request_id)
+        if request is None:
+            click.echo(f"no transfer request {request_id}", err=True)
+            sys.exit(1)
+        rows = session.scalars(
+            select(Delivery).where(Delivery.request_id == request_id).order_by(
+                Delivery.new_series_instance_uid, Delivery.new_sop_instance_uid,
+                Delivery.destination,
+            )
+        ).all()  # fmt: skip
+        ledger = [
+            {
+                "destination": row.destination,
+                "sop_instance_uid": row.new_sop_instance_uid,
+                "series_instance_uid": row.new_series_instance_uid,
+                "state": row.state.value,
+                "attempts": row.attempts,
+                "last_status": row.last_status,
+                "last_error_class": row.last_error_class,
+                "last_error": row.last_error,
+                "next_attempt_at": row.next_attempt_at.isoformat(),
+                "acknowledged_at": row.acknowledged_at.isoformat() if row.acknowledged_at else None,
+            }
+            for row in rows
+        ]
+        head = {
+            "request": request.id,
+            "project": request.transfer_project_name,
+            "status": request.status.value,
+            "new_study_instance_uid": request.transfer_mapped_uid,
+            "error": request.transfer_error,
+            "error_message": request.transfer_error_message,
+        }
+    engine.dispose()
+    if as_json:
+        click.echo(json.dumps({**head, "deliveries": ledger}, indent=2))
+        return
+    click.echo(
+        f"request {head['request']} ({head['project']}): {head['status']}"
+        + (f" — {head['error_message']}" if head["error_message"] else "")
+    )
+    for entry in ledger:
+        status = "" if entry["last_status"] is None else f" 0x{entry['last_status']:04X}"
+        why = f" {entry['last_error_class']}: {entry['last_error']}" if entry["last_error"] else ""
+        click.echo(
+            f"  {entry['destination']:<16} {entry['sop_instance_uid']}  {entry['state']:<9} "
+            f"attempts {entry['attempts']}{status}{why}"
+        )
+
+
+@main.command()
+@_config_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(config_path: Path | None, as_json: bool) -> None:
     """Instances, studies by state, quarantine, free disk."""
@@ -279,7 +353,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
     upgrade(engine)
     spool = Spool(config.storage.path, config.storage.min_free_mb)
     spool.prepare()
-    report = node_status(make_sessionmaker(engine), spool)
+    report = node_status(make_sessionmaker(engine), spool, tuple(config.destinations))
     engine.dispose()
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -290,6 +364,17 @@ def status(config_path: Path | None, as_json: bool) -> None:
     )
     click.echo("studies:     " + ", ".join(f"{k} {v}" for k, v in report["studies"].items()))
     click.echo(f"quarantined: {report['quarantined']}")
+    click.echo("requests:    " + ", ".join(f"{k} {v}" for k, v in report["requests"].items() if v))
+    for name, dest in report["destinations"].items():
+        click.echo(
+            f"destination {name}: queued {dest['queued']}, in flight {dest['in_flight']}, "
+            f"delivered {dest['delivered']}, failed {dest['failed']}, breaker {dest['breaker']}"
+            + (
+                f", oldest waiting since {dest['oldest_waiting_since']}"
+                if dest["oldest_waiting_since"]
+                else ""
+            )
+        )
     click.echo(
         f"free disk:   {report['storage']['free_bytes'] // 2**20} MB "
         f"(floor {report['storage']['min_free_bytes'] // 2**20} MB)"

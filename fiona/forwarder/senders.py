@@ -33,7 +33,10 @@ from fiona.scu import set_nodelay
 
 __all__ = ["DicomSender", "FolderSender", "Prepared", "Sender"]
 
-MAX_CONTEXTS = 128
+MAX_CONTEXTS = 127
+"""128 per association, one of them Verification: with it the association stands even when the
+destination accepts none of the storage contexts, so each instance gets its own, permanent,
+"no presentation context" outcome instead of a retried abort."""
 _UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
 
 Prepared = tuple[WorkItem, bytes]
@@ -124,7 +127,8 @@ class DicomSender:
             return transport_failure(
                 "rejected-transient", f"association rejected (transient) by {where}: {reason}"
             )
-        if getattr(assoc, "is_aborted", False):
+        answered = getattr(getattr(assoc, "acceptor", None), "primitive", None) is not None
+        if answered and getattr(assoc, "is_aborted", False):
             return transport_failure(
                 "aborted", f"association aborted by {where} (no presentation context accepted?)"
             )
@@ -139,6 +143,7 @@ class DicomSender:
     def _send_group(self, group: Sequence[Prepared]) -> list[tuple[WorkItem, Outcome]]:
         ae = self._ae()
         contexts = [build_context(sop, [syntax]) for sop, syntax in _contexts(group)]
+        contexts.append(build_context(Verification))
         dest = self.destination
         assoc = ae.associate(
             dest.host, dest.port, ae_title=dest.ae_title, contexts=contexts,
@@ -177,12 +182,14 @@ class DicomSender:
             payload = dcmread(io.BytesIO(data))
         else:
             offered = UID(syntax).name
-            return transport_failure(
-                "no-context",
-                f"{self.destination.ae_title} accepts neither {offered} nor Explicit VR Little "
-                f"Endian for {UID(sop).name}; FIONA does not decompress pixel data",
-                permanent=True,
-            )
+            if not any(s == sop for s, _t in accepted):
+                reason = f"{self.destination.ae_title} does not accept {UID(sop).name}"
+            else:
+                reason = (
+                    f"{self.destination.ae_title} accepts neither {offered} nor Explicit VR "
+                    f"Little Endian for {UID(sop).name}; FIONA does not decompress pixel data"
+                )
+            return transport_failure("no-context", reason, permanent=True)
         try:
             status = assoc.send_c_store(payload)  # type: ignore[attr-defined]
         except (RuntimeError, ValueError, OSError) as exc:
