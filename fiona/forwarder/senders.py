@@ -5,8 +5,10 @@ contexts come from the batch's actual (SOP class, transfer syntax) pairs: the st
 syntax plus Explicit VR Little Endian as a fallback, at most 128 contexts per association
 (larger batches are split). An instance is sent in its stored encoding when that context was
 accepted; an uncompressed instance is re-encoded by pynetdicom when only another uncompressed
-syntax was accepted; a compressed one for which the destination accepted neither its syntax nor
-Explicit VR Little Endian is a permanent failure naming both (FIONA never decodes pixel data).
+syntax was accepted; a compressed one for which the destination accepted only Explicit VR Little
+Endian is decompressed by pydicom's pixel data handlers (the ``decoders`` extra: pylibjpeg with
+OpenJPEG and RLE, Pillow) — the only time FIONA decodes pixel data; without a decoder for it,
+or if the destination accepts neither, it is a permanent failure naming both syntaxes.
 
 ``FolderSender`` writes ``<path>/<project>/<Study>/<Series>/<SOP>.dcm`` atomically (temporary
 file, fsync, rename, fsync of the folder).
@@ -158,19 +160,28 @@ class DicomSender:
                 (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                 for cx in assoc.accepted_contexts
             }
+            # Result 0x03: the SOP class itself is not supported (0x04: only the syntaxes).
+            unsupported = {
+                str(cx.abstract_syntax) for cx in assoc.rejected_contexts if cx.result == 0x03
+            }
             for index, (item, data) in enumerate(group):
                 if not assoc.is_established:
                     lost = transport_failure("aborted", "association ended during the batch")
                     results.extend((rest, lost) for rest, _d in group[index:])
                     break
-                results.append((item, self._store(assoc, accepted, item, data)))
+                results.append((item, self._store(assoc, accepted, unsupported, item, data)))
         finally:
             if assoc.is_established:
                 assoc.release()
         return results
 
     def _store(
-        self, assoc: object, accepted: set[tuple[str, str]], item: WorkItem, data: bytes
+        self,
+        assoc: object,
+        accepted: set[tuple[str, str]],
+        unsupported: set[str],
+        item: WorkItem,
+        data: bytes,
     ) -> Outcome:
         sop, syntax = item.sop_class_uid, item.transfer_syntax_uid
         if (sop, syntax) in accepted:
@@ -180,14 +191,25 @@ class DicomSender:
             import io
 
             payload = dcmread(io.BytesIO(data))
+        elif (sop, ExplicitVRLittleEndian) in accepted:
+            try:
+                payload = _decompressed(data)
+            except Exception as exc:  # pydicom raises several types for "no decoder"
+                return transport_failure(
+                    "no-decoder",
+                    f"{self.destination.ae_title} accepts only Explicit VR Little Endian for "
+                    f"{UID(sop).name} and {UID(syntax).name} cannot be decompressed here "
+                    f"({type(exc).__name__}; install fiona[decoders])",
+                    permanent=True,
+                )
         else:
             offered = UID(syntax).name
-            if not any(s == sop for s, _t in accepted):
+            if sop in unsupported:
                 reason = f"{self.destination.ae_title} does not accept {UID(sop).name}"
             else:
                 reason = (
                     f"{self.destination.ae_title} accepts neither {offered} nor Explicit VR "
-                    f"Little Endian for {UID(sop).name}; FIONA does not decompress pixel data"
+                    f"Little Endian for {UID(sop).name}"
                 )
             return transport_failure("no-context", reason, permanent=True)
         try:
@@ -208,6 +230,15 @@ class DicomSender:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         return Path(name)
+
+
+def _decompressed(data: bytes) -> object:
+    """The dataset with its pixel data decoded to Explicit VR Little Endian."""
+    import io
+
+    dataset = dcmread(io.BytesIO(data))
+    dataset.decompress()
+    return dataset
 
 
 class FolderSender:

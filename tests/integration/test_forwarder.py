@@ -1,0 +1,374 @@
+"""Forwarding to real peers: Orthanc as the research PACS, dcmtk storescp, a scripted SCP.
+
+Each test runs ``fiona serve`` as a subprocess, sends a study with dcmtk ``storescu``, adds a
+transfer request through FIONA's own API (the operator commands come with issue 5) and waits
+for the delivery ledger to settle.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fionatest import FionaServer, sample_file, store_failures, storescu, write_study
+from peers import HANG, Orthanc, ScriptedSCP, StoreSCP
+from pydicom import config as pydicom_config
+from pydicom import dcmread
+from sqlalchemy import select
+
+from fiona.anonymizer import Context, anonymize_bytes, load_profile, make_scheme
+from fiona.audit import utcnow
+from fiona.config import load_config
+from fiona.db import (
+    AuditEvent,
+    AuditEventType,
+    Delivery,
+    DeliveryState,
+    RequestStatus,
+    TransferRequest,
+    make_engine,
+    make_sessionmaker,
+)
+from fiona.keys import load_node_key
+from fiona.requests import create_request
+
+pytestmark = pytest.mark.integration
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+FAST = {
+    "poll_seconds": 0.2,
+    "retry_base_seconds": 0.3,
+    "retry_cap_seconds": 1.0,
+    "breaker_failures": 2,
+    "breaker_probe_seconds": 0.5,
+}
+
+
+@pytest.fixture(autouse=True)
+def _mmiv_uids_may_be_invalid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """About 1 MMIV UID in 8 has a component starting with 0; the research PACS holds them."""
+    monkeypatch.setattr(pydicom_config.settings, "reading_validation_mode", pydicom_config.IGNORE)
+
+
+class Node:
+    """A ``fiona serve`` with projects and destinations, and its database."""
+
+    def __init__(self, server: FionaServer) -> None:
+        self.server = server
+        self.config = load_config(server.config_path)
+        self.engine = make_engine(self.config.database.url)
+        self.sessions = make_sessionmaker(self.engine)
+
+    def send(self, files: list[Path], called: str = "FIONA", extra: tuple[str, ...] = ()) -> None:
+        result = storescu(self.server.port, files, called=called, extra=extra)
+        assert result.returncode == 0 and not store_failures(result), result.stdout
+
+    def request(self, study_uid: str, project: str = "BICAM", pseudonym: str = "BICAM001") -> int:
+        with self.sessions() as session, session.begin():
+            request = create_request(
+                session,
+                study_instance_uid=study_uid,
+                project=project,
+                pseudonym=pseudonym,
+                requested_by="test",
+                now=utcnow(),
+                node_key=load_node_key(self.config.storage.path),
+            )
+            return request.id
+
+    def wait_request(
+        self, request_id: int, *statuses: RequestStatus, timeout: float = 60.0
+    ) -> TransferRequest:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.sessions() as session:
+                request = session.get(TransferRequest, request_id)
+                assert request is not None
+                if request.status in statuses:
+                    return request
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"request {request_id} is {request.status}\n{self.server.log()}")
+            time.sleep(0.1)
+
+    def ledger(self, request_id: int) -> list[Delivery]:
+        with self.sessions() as session:
+            return list(
+                session.scalars(
+                    select(Delivery).where(Delivery.request_id == request_id).order_by(Delivery.id)
+                )
+            )
+
+    def audit(self, event_type: AuditEventType) -> list[AuditEvent]:
+        with self.sessions() as session:
+            return list(
+                session.scalars(select(AuditEvent).where(AuditEvent.event_type == event_type))
+            )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+@pytest.fixture
+def node_factory(make_server: Callable[..., FionaServer]) -> Iterator[Callable[..., Node]]:
+    nodes: list[Node] = []
+
+    def factory(
+        destinations: dict[str, Any],
+        *,
+        db_url: str | None = None,
+        profile: str = "mmiv",
+        uid_scheme: str = "mmiv",
+        forwarding: dict[str, Any] | None = None,
+    ) -> Node:
+        server = make_server(
+            db_url,
+            destinations=destinations,
+            projects={
+                "BICAM": {
+                    "ae_titles": ["BICAM"],
+                    "destinations": sorted(destinations),
+                    "profile": profile,
+                    "uid_scheme": uid_scheme,
+                }
+            },
+            forwarding={**FAST, **(forwarding or {})},
+        )
+        server.start()
+        node = Node(server)
+        nodes.append(node)
+        return node
+
+    yield factory
+    for node in nodes:
+        node.close()
+
+
+def dicom_destination(peer: Orthanc | StoreSCP | ScriptedSCP, **extra: Any) -> dict[str, Any]:
+    port = peer.dicom_port if isinstance(peer, Orthanc) else peer.port
+    return {"kind": "dicom", "host": "127.0.0.1", "port": port, "ae_title": peer.ae_title, **extra}
+
+
+def expected_mmiv(path: Path, project: str = "BICAM", pseudonym: str = "BICAM001") -> Any:
+    context = Context(project=project, pseudonym=pseudonym, scheme=make_scheme("mmiv", project),
+                      date_offset_days=42)  # fmt: skip
+    return dcmread(
+        io.BytesIO(anonymize_bytes(path.read_bytes(), load_profile("mmiv"), context).data)
+    )
+
+
+def test_study_arrives_deidentified_in_orthanc_and_storescp(
+    tmp_path: Path, db_url: str, node_factory: Callable[..., Node]
+) -> None:
+    with Orthanc(tmp_path / "pacs") as pacs, StoreSCP(tmp_path / "scp") as scp:
+        node = node_factory(
+            {"research-pacs": dicom_destination(pacs), "archive": dicom_destination(scp)},
+            db_url=db_url,
+        )
+        files = write_study(tmp_path / "study", 2, 3)
+        node.send(files)
+        original = dcmread(files[0])
+        request_id = node.request(original.StudyInstanceUID)
+        request = node.wait_request(request_id, RequestStatus.SENT, RequestStatus.PARTIAL,
+                                    RequestStatus.FAILED)  # fmt: skip
+        assert request.status == RequestStatus.SENT, node.server.log()
+        pacs.wait_for_instances(6)
+        scp.wait_for_files(6)
+        spooled = node.server.storage / "incoming" / original.StudyInstanceUID
+        expected = expected_mmiv(
+            spooled / original.SeriesInstanceUID / f"{original.SOPInstanceUID}.dcm"
+        )
+        assert request.transfer_mapped_uid == expected.StudyInstanceUID
+        found = pacs.instances_of_study(expected.StudyInstanceUID)
+        assert len(found) == 6
+        tags = pacs.instance_tags(found[0]["ID"])
+        assert tags["PatientID"] == "BICAM001" and tags["PatientName"] == "BICAM001"
+        assert tags["InstitutionName"] == "BICAM"
+        assert tags["StudyInstanceUID"] == expected.StudyInstanceUID
+        assert original.PatientID not in json.dumps(tags)
+        sops = {dcmread(p).SOPInstanceUID for p in scp.files()}
+        assert expected.SOPInstanceUID in sops
+        ledger = node.ledger(request_id)
+        assert len(ledger) == 12
+        assert all(row.state == DeliveryState.DELIVERED and row.last_status == 0 for row in ledger)
+        assert all(row.attempts == 1 and row.acknowledged_at is not None for row in ledger)
+        assert node.audit(AuditEventType.DEIDENTIFIED)[0].details["profile"] == "mmiv"
+        status = json.loads(node.server.cli("status", "--json").stdout)
+        assert status["destinations"]["research-pacs"]["delivered"] == 6
+        assert status["requests"]["sent"] == 1
+        shown = node.server.cli("transfers", "--request", str(request_id)).stdout
+        assert "sent" in shown and shown.count("DELIVERED") == 12
+
+
+def test_destination_down_at_first_gets_everything_once_it_is_up(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    pacs = Orthanc(tmp_path / "pacs")  # configured, not started
+    node = node_factory({"research-pacs": dicom_destination(pacs)})
+    files = write_study(tmp_path / "study", 1, 4)
+    node.send(files)
+    request_id = node.request(dcmread(files[0]).StudyInstanceUID)
+
+    def breaker_opened() -> bool:
+        return bool(node.audit(AuditEventType.BREAKER_OPENED))
+
+    deadline = time.monotonic() + 30
+    while not breaker_opened():
+        assert time.monotonic() < deadline, node.server.log()
+        time.sleep(0.1)
+    ledger = node.ledger(request_id)
+    waiting = (DeliveryState.PENDING, DeliveryState.IN_FLIGHT)
+    assert all(row.state in waiting for row in ledger)  # nothing given up, nothing lost
+    assert {row.last_error_class for row in ledger} - {None} == {"unreachable"}
+    with pacs:  # the research PACS comes up; nobody touches FIONA
+        request = node.wait_request(request_id, RequestStatus.SENT, timeout=60)
+        assert request.status == RequestStatus.SENT
+        assert pacs.wait_for_instances(4) == 4
+    assert node.audit(AuditEventType.BREAKER_CLOSED)
+    assert all(row.attempts >= 2 for row in node.ledger(request_id))
+
+
+def test_rejected_sop_class_fails_permanently_with_the_reason(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    with StoreSCP(tmp_path / "scp", reject_sop_classes=[CT_IMAGE]) as scp:
+        node = node_factory({"archive": dicom_destination(scp)})
+        files = write_study(tmp_path / "study", 1, 2)
+        node.send(files)
+        request_id = node.request(dcmread(files[0]).StudyInstanceUID)
+        request = node.wait_request(request_id, RequestStatus.FAILED, RequestStatus.SENT)
+        assert request.status == RequestStatus.FAILED
+        assert request.transfer_error == "sending"
+        assert "does not accept CT Image Storage" in (request.transfer_error_message or "")
+        ledger = node.ledger(request_id)
+        assert all(row.state == DeliveryState.FAILED for row in ledger)
+        assert all(row.attempts == 1 for row in ledger)  # permanent: not hammered
+        assert scp.files() == []
+        assert len(node.audit(AuditEventType.DELIVERY_FAILED)) == 2
+        shown = node.server.cli("transfers", "--request", str(request_id)).stdout
+        assert "no-context" in shown and "does not accept CT Image Storage" in shown
+
+
+def test_out_of_resources_is_retried_until_stored(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    with ScriptedSCP(statuses=[0xA700, 0xA700, 0xA702]) as scp:
+        node = node_factory({"pacs": dicom_destination(scp)})
+        files = write_study(tmp_path / "study", 1, 3)
+        node.send(files)
+        request_id = node.request(dcmread(files[0]).StudyInstanceUID)
+        request = node.wait_request(request_id, RequestStatus.SENT, RequestStatus.FAILED)
+        assert request.status == RequestStatus.SENT
+        assert len(set(scp.stored_uids())) == 3
+        ledger = node.ledger(request_id)
+        assert sum(row.attempts for row in ledger) == 6  # three out-of-resources answers
+        assert all(row.state == DeliveryState.DELIVERED for row in ledger)
+
+
+def test_permanent_status_then_operator_retry_after_the_fix(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    with ScriptedSCP(statuses=[0xC000], default_status=0x0000) as scp:
+        node = node_factory({"pacs": dicom_destination(scp)})
+        files = write_study(tmp_path / "study", 1, 2)
+        node.send(files)
+        request_id = node.request(dcmread(files[0]).StudyInstanceUID)
+        request = node.wait_request(request_id, RequestStatus.PARTIAL, RequestStatus.SENT,
+                                    RequestStatus.FAILED)  # fmt: skip
+        assert request.status == RequestStatus.PARTIAL
+        assert "cannot understand (0xC000)" in (request.transfer_error_message or "")
+        retried = node.server.cli("transfers", "--request", str(request_id), "--retry")
+        assert "1 failed deliveries are due again" in retried.stdout
+        request = node.wait_request(request_id, RequestStatus.SENT)
+        assert len(set(scp.stored_uids())) == 2
+        assert node.audit(AuditEventType.DELIVERY_RETRIED)[0].details["instances"] == 1
+
+
+def test_kill9_while_forwarding_resends_what_was_in_flight(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    with ScriptedSCP(statuses=[0x0000, HANG], hang_seconds=60) as scp:
+        node = node_factory({"pacs": dicom_destination(scp)})
+        files = write_study(tmp_path / "study", 1, 4)
+        node.send(files)
+        request_id = node.request(dcmread(files[0]).StudyInstanceUID)
+        scp.wait_for_calls(2)  # the second C-STORE hangs: FIONA is mid-batch
+        node.server.kill9()
+        scp.script(statuses=[], default_status=0x0000)
+        node.server.start()
+        request = node.wait_request(request_id, RequestStatus.SENT)
+        assert request.status == RequestStatus.SENT
+        assert len(set(scp.stored_uids())) == 4
+        ledger = node.ledger(request_id)
+        assert all(row.state == DeliveryState.DELIVERED for row in ledger)
+        assert max(row.attempts for row in ledger) == 2  # the resend shows in the ledger
+        hung = scp.calls[1].sop_instance_uid
+        assert [call.sop_instance_uid for call in scp.calls].count(hung) >= 2
+
+
+def test_late_series_sends_only_the_new_instances(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    with ScriptedSCP() as scp:
+        node = node_factory({"pacs": dicom_destination(scp)})
+        files = write_study(tmp_path / "study", 2, 2)
+        first, late = files[:2], files[2:]
+        node.send(first)
+        uid = dcmread(files[0]).StudyInstanceUID
+        request_id = node.request(uid)
+        node.wait_request(request_id, RequestStatus.SENT)
+        assert len(scp.calls) == 2
+        node.send(late)
+        deadline = time.monotonic() + 60
+        while len(scp.stored()) < 4:
+            assert time.monotonic() < deadline, node.server.log()
+            time.sleep(0.1)
+        request = node.wait_request(request_id, RequestStatus.SENT)
+        assert len(scp.calls) == 4  # the first series was not sent again
+        assert len(node.ledger(request_id)) == 4
+        assert {row.new_study_instance_uid for row in node.ledger(request_id)} == {
+            request.transfer_mapped_uid
+        }
+
+
+def test_compressed_study_passes_through_or_is_decompressed_for_an_uncompressed_pacs(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    implicit_only = ["1.2.840.10008.1.2"]
+    with (
+        Orthanc(tmp_path / "j2k") as takes,
+        Orthanc(tmp_path / "raw", ae_title="RAWONLY", uncompressed_only=True) as raw,
+        ScriptedSCP(ae_title="IMPLICIT", transfer_syntaxes=implicit_only) as neither,
+    ):
+        node = node_factory(
+            {
+                "takes": dicom_destination(takes),
+                "raw": dicom_destination(raw),
+                "neither": dicom_destination(neither),
+            }
+        )
+        source = sample_file("JPEG2000.dcm")
+        node.send([source], extra=("-xw",))  # propose JPEG 2000
+        request_id = node.request(dcmread(source).StudyInstanceUID)
+        request = node.wait_request(
+            request_id, RequestStatus.PARTIAL, RequestStatus.SENT, RequestStatus.FAILED
+        )
+        assert request.status == RequestStatus.PARTIAL
+        by_destination = {row.destination: row for row in node.ledger(request_id)}
+        assert by_destination["takes"].state == DeliveryState.DELIVERED
+        assert by_destination["raw"].state == DeliveryState.DELIVERED
+        assert by_destination["neither"].state == DeliveryState.FAILED
+        assert "accepts neither JPEG 2000" in (by_destination["neither"].last_error or "")
+        original = dcmread(source)
+        as_received = dcmread(io.BytesIO(takes.instance_file(takes.instance_ids()[0])))
+        assert as_received.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+        assert as_received.PixelData == original.PixelData  # compressed bytes passed through
+        decompressed = dcmread(io.BytesIO(raw.instance_file(raw.instance_ids()[0])))
+        assert decompressed.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+        original.decompress()
+        assert decompressed.PixelData == original.PixelData
+        assert decompressed.PatientID == "BICAM001"
