@@ -33,6 +33,7 @@ __all__ = [
     "DatabaseConfig",
     "DestinationConfig",
     "DicomDestination",
+    "DicomWebDestination",
     "FionaConfig",
     "FolderDestination",
     "ForwardingConfig",
@@ -150,7 +151,40 @@ class FolderDestination(_Frozen):
     batch_size: Annotated[int, Field(ge=1, le=10000)] = 500
 
 
-DestinationConfig = Annotated[DicomDestination | FolderDestination, Field(discriminator="kind")]
+class DicomWebDestination(_Frozen):
+    """A DICOMweb service FIONA stores to with STOW-RS (``POST <url>/studies``)."""
+
+    kind: Literal["dicomweb"]
+    url: str
+    """The DICOMweb root, e.g. ``https://pacs.example.org/dicom-web``."""
+    username: str | None = None
+    password_file: Path | None = None
+    """HTTP basic authentication; the password is read from this file, never logged."""
+    ca_file: Path | None = None
+    """CA bundle for https (default: the system's)."""
+    max_associations: Annotated[int, Field(ge=1, le=32)] = 2
+    """Parallel requests."""
+    timeout: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    batch_size: Annotated[int, Field(ge=1, le=10000)] = 50
+    """Instances per STOW-RS request (one series at most)."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _auth(self) -> DicomWebDestination:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together")
+        return self
+
+
+DestinationConfig = Annotated[
+    DicomDestination | FolderDestination | DicomWebDestination, Field(discriminator="kind")
+]
 
 
 class ForwardingConfig(_Frozen):
@@ -262,8 +296,8 @@ class FionaConfig(_Frozen):
     @field_validator("destinations")
     @classmethod
     def _destination_names(
-        cls, value: dict[str, DicomDestination | FolderDestination]
-    ) -> dict[str, DicomDestination | FolderDestination]:
+        cls, value: dict[str, DicomDestination | FolderDestination | DicomWebDestination]
+    ) -> dict[str, DicomDestination | FolderDestination | DicomWebDestination]:
         for name in value:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
                 raise ValueError(f"destination name {name!r}: letters, digits, _ . - (≤ 64)")
@@ -360,9 +394,12 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     destinations = raw.get("destinations")
     if isinstance(destinations, dict):
         for destination in destinations.values():
-            if isinstance(destination, dict) and isinstance(destination.get("path"), str):
-                path = Path(destination["path"]).expanduser()
-                destination["path"] = str(path if path.is_absolute() else (base / path).resolve())
+            if not isinstance(destination, dict):
+                continue
+            for key in ("path", "password_file", "ca_file"):
+                if isinstance(destination.get(key), str):
+                    path = Path(destination[key]).expanduser()
+                    destination[key] = str(path if path.is_absolute() else (base / path).resolve())
     projects = raw.get("projects")
     if isinstance(projects, dict):
         for project in projects.values():

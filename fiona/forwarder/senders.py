@@ -10,6 +10,10 @@ Endian is decompressed by pydicom's pixel data handlers (the ``decoders`` extra:
 OpenJPEG and RLE, Pillow) — the only time FIONA decodes pixel data; without a decoder for it,
 or if the destination accepts neither, it is a permanent failure naming both syntaxes.
 
+``DicomWebSender`` POSTs one batch per STOW-RS request (``multipart/related;
+type="application/dicom"``) and reads the response's Failed SOP Sequence (0008,1198) with each
+instance's Failure Reason, and Warning Reasons in the Referenced SOP Sequence (0008,1199).
+
 ``FolderSender`` writes ``<path>/<project>/<Study>/<Series>/<SOP>.dcm`` atomically (temporary
 file, fsync, rename, fsync of the folder).
 """
@@ -28,12 +32,12 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from fiona.config import DicomDestination, FolderDestination
+from fiona.config import DicomDestination, DicomWebDestination, FolderDestination
 from fiona.forwarder.classify import Kind, Outcome, classify_status, transport_failure
 from fiona.forwarder.ledger import WorkItem
 from fiona.scu import set_nodelay
 
-__all__ = ["DicomSender", "FolderSender", "Prepared", "Sender"]
+__all__ = ["DicomSender", "DicomWebSender", "FolderSender", "Prepared", "Sender"]
 
 MAX_CONTEXTS = 127
 """128 per association, one of them Verification: with it the association stands even when the
@@ -194,7 +198,7 @@ class DicomSender:
         elif (sop, ExplicitVRLittleEndian) in accepted:
             try:
                 payload = _decompressed(data)
-            except Exception as exc:  # pydicom raises several types for "no decoder"
+            except Exception as exc:  # noqa: BLE001 - pydicom raises several types for "no decoder"
                 return transport_failure(
                     "no-decoder",
                     f"{self.destination.ae_title} accepts only Explicit VR Little Endian for "
@@ -239,6 +243,127 @@ def _decompressed(data: bytes) -> object:
     dataset = dcmread(io.BytesIO(data))
     dataset.decompress()
     return dataset
+
+
+_FAILED_SOP_SEQUENCE = "00081198"
+_REFERENCED_SOP_SEQUENCE = "00081199"
+_REFERENCED_SOP_INSTANCE = "00081155"
+_FAILURE_REASON = "00081197"
+_WARNING_REASON = "00081196"
+
+
+def _stow_reasons(payload: object, sequence: str, reason_tag: str) -> dict[str, int | None]:
+    """SOP Instance UID → reason code from one sequence of a STOW-RS JSON response."""
+    found: dict[str, int | None] = {}
+    if not isinstance(payload, dict):
+        return found
+    items = (
+        payload.get(sequence, {}).get("Value", [])
+        if isinstance(payload.get(sequence), dict)
+        else []
+    )
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict):
+            continue
+        uids = item.get(_REFERENCED_SOP_INSTANCE, {}).get("Value", [])
+        reasons = item.get(reason_tag, {}).get("Value", []) if reason_tag in item else []
+        if uids:
+            reason = reasons[0] if reasons and isinstance(reasons[0], int) else None
+            found[str(uids[0])] = reason
+    return found
+
+
+class DicomWebSender:
+    """STOW-RS client for one DICOMweb destination."""
+
+    def __init__(self, name: str, destination: DicomWebDestination) -> None:
+        import requests
+
+        self.name = name
+        self.destination = destination
+        self.session = requests.Session()
+        if destination.username is not None and destination.password_file is not None:
+            password = destination.password_file.read_text(encoding="utf-8").strip()
+            self.session.auth = (destination.username, password)
+        if destination.ca_file is not None:
+            self.session.verify = str(destination.ca_file)
+
+    def probe(self) -> tuple[bool, str]:
+        import requests
+
+        try:
+            response = self.session.get(
+                f"{self.destination.url}/studies", params={"limit": "1"},
+                timeout=min(self.destination.timeout, 30.0),
+            )  # fmt: skip
+        except requests.RequestException as exc:
+            return False, f"{self.destination.url}: {type(exc).__name__}"
+        return response.status_code < 500, f"QIDO-RS answered HTTP {response.status_code}"
+
+    def send(self, batch: Sequence[Prepared]) -> list[tuple[WorkItem, Outcome]]:
+        import uuid
+
+        import requests
+
+        boundary = uuid.uuid4().hex
+        parts = []
+        for _item, data in batch:
+            parts.append(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
+            parts.append(data)
+            parts.append(b"\r\n")
+        parts.append(f"--{boundary}--\r\n".encode())
+        url = f"{self.destination.url}/studies"
+        try:
+            response = self.session.post(
+                url,
+                data=b"".join(parts),
+                headers={
+                    "Content-Type": f'multipart/related; type="application/dicom"; '
+                    f"boundary={boundary}",
+                    "Accept": "application/dicom+json",
+                },
+                timeout=self.destination.timeout,
+            )
+        except requests.RequestException as exc:
+            failure = transport_failure("unreachable", f"STOW-RS to {url}: {type(exc).__name__}")
+            return [(item, failure) for item, _data in batch]
+        code = response.status_code
+        if code >= 500 or code == 429:
+            failure = transport_failure("http-transient", f"STOW-RS answered HTTP {code}")
+            return [(item, failure) for item, _data in batch]
+        if code not in (200, 202, 409):
+            failure = transport_failure(
+                "http-refused", f"STOW-RS answered HTTP {code}: {response.text[:200]}",
+                permanent=True,
+            )  # fmt: skip
+            return [(item, failure) for item, _data in batch]
+        try:
+            payload = response.json() if response.content else {}
+        except ValueError:
+            payload = {}
+        if isinstance(payload, list) and payload:
+            payload = payload[0]
+        failed = _stow_reasons(payload, _FAILED_SOP_SEQUENCE, _FAILURE_REASON)
+        warned = _stow_reasons(payload, _REFERENCED_SOP_SEQUENCE, _WARNING_REASON)
+        results = []
+        for item, _data in batch:
+            uid = item.new_sop_instance_uid
+            if uid in failed:
+                reason = failed[uid]
+                outcome = classify_status(reason if reason is not None else 0xC000)
+            elif code == 409 and uid not in warned:
+                outcome = transport_failure(
+                    "http-conflict", "STOW-RS answered HTTP 409 without naming this instance",
+                    permanent=True,
+                )  # fmt: skip
+            elif warned.get(uid):
+                outcome = classify_status(warned[uid])
+                if not outcome.kind.delivered:
+                    outcome = Outcome(Kind.WARNING, "warning", outcome.reason, outcome.status)
+            else:
+                outcome = Outcome(Kind.SUCCESS, "success", f"stored (HTTP {code})", 0)
+            results.append((item, outcome))
+        return results
 
 
 class FolderSender:

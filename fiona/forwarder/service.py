@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from fiona.anonymizer.projects import ProjectDeidentification, project_deidentification
 from fiona.audit import audit_event
-from fiona.config import DicomDestination, FionaConfig
+from fiona.config import DicomDestination, DicomWebDestination, FionaConfig
 from fiona.db import AuditEventType, Delivery, DeliveryState
 from fiona.errors import ConfigError
 from fiona.forwarder.classify import Kind, Outcome
@@ -40,7 +40,7 @@ from fiona.forwarder.ledger import (
     recover_leases,
     release_owner,
 )
-from fiona.forwarder.senders import DicomSender, FolderSender, Prepared, Sender
+from fiona.forwarder.senders import DicomSender, DicomWebSender, FolderSender, Prepared, Sender
 from fiona.requests import activate_requests
 
 __all__ = ["Forwarder"]
@@ -84,6 +84,8 @@ class Forwarder:
         destination = self.config.destinations[name]
         if isinstance(destination, DicomDestination):
             return DicomSender(name, destination, self.config.node.ae_title, self.storage / "tmp")
+        if isinstance(destination, DicomWebDestination):
+            return DicomWebSender(name, destination)
         return FolderSender(name, destination)
 
     # -- life cycle ------------------------------------------------------------------------

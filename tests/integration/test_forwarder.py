@@ -372,3 +372,37 @@ def test_compressed_study_passes_through_or_is_decompressed_for_an_uncompressed_
         original.decompress()
         assert decompressed.PixelData == original.PixelData
         assert decompressed.PatientID == "BICAM001"
+
+
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+def test_stow_rs_to_orthanc_dicomweb(tmp_path: Path, node_factory: Callable[..., Node]) -> None:
+    plugin = {"Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    with Orthanc(tmp_path / "web", extra_config=plugin) as pacs:
+        node = node_factory(
+            {
+                "web": {"kind": "dicomweb", "url": f"{pacs.url}/dicom-web", "batch_size": 2},
+                "wrong-path": {"kind": "dicomweb", "url": f"{pacs.url}/no-such-root"},
+            },
+            uid_scheme="hmac",
+        )
+        files = write_study(tmp_path / "study", 2, 3)
+        node.send(files)
+        request_id = node.request(dcmread(files[0]).StudyInstanceUID)
+        request = node.wait_request(
+            request_id, RequestStatus.PARTIAL, RequestStatus.SENT, RequestStatus.FAILED
+        )
+        assert request.status == RequestStatus.PARTIAL  # one destination cannot work
+        assert pacs.wait_for_instances(6) == 6
+        found = pacs.instances_of_study(request.transfer_mapped_uid or "")
+        assert len(found) == 6
+        assert pacs.instance_tags(found[0]["ID"])["PatientID"] == "BICAM001"
+        by_destination: dict[str, list[Delivery]] = {}
+        for row in node.ledger(request_id):
+            by_destination.setdefault(row.destination, []).append(row)
+        assert all(row.state == DeliveryState.DELIVERED for row in by_destination["web"])
+        wrong = by_destination["wrong-path"]
+        assert all(row.state == DeliveryState.FAILED for row in wrong)
+        assert {row.last_error_class for row in wrong} == {"http-refused"}
+        assert "HTTP 404" in (wrong[0].last_error or "")

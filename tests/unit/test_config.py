@@ -65,6 +65,18 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         ("projects: {bicam: {}}\n", "projects", "capitals"),
         ("projects: {BICAM: {ae_titles: [FIONA]}}\n", "<top>", "already used"),
         ("projects: {BICAM: {profile: nope}}\n", "projects.BICAM", "no built-in profile"),
+        (
+            "destinations: {w: {kind: dicomweb, url: 'ftp://x'}}\n",
+            "destinations.w.dicomweb.url",
+            "http",
+        ),
+        (
+            "destinations: {w: {kind: dicomweb, url: 'http://x', username: u}}\n",
+            "destinations.w.dicomweb",
+            "go together",
+        ),
+        ("destinations: {w: {kind: smtp}}\n", "destinations.w", "does not match"),
+        ("projects: {BICAM: {destinations: [nope]}}\n", "<top>", "unknown destination"),
         ("projects: {BICAM: {profile: p.yaml}}\n", "projects.BICAM", "cannot read the profile"),
         ("projects: {BICAM: {uid_scheme: sha1}}\n", "projects.BICAM.uid_scheme", "mmiv-hex"),
         ("projects: {BICAM: {secret_file: none.key}}\n", "projects.BICAM", "cannot read"),
