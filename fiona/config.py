@@ -134,6 +134,8 @@ class DicomDestination(_Frozen):
     """Seconds for the association, each DIMSE exchange and the network."""
     batch_size: Annotated[int, Field(ge=1, le=10000)] = 200
     """Instances sent per association (one series at most)."""
+    verify: bool = False
+    """After a request is delivered, C-FIND the new study here and compare instance counts."""
 
     @field_validator("ae_title", "calling_ae_title")
     @classmethod

@@ -33,6 +33,7 @@ __all__ = [
     "AuditEventType",
     "Base",
     "Delivery",
+    "DeliveryCheck",
     "DeliveryState",
     "DestinationState",
     "Instance",
@@ -110,6 +111,7 @@ class AuditEventType(enum.Enum):
     DELIVERY_RETRIED = "DELIVERY_RETRIED"
     BREAKER_OPENED = "BREAKER_OPENED"
     BREAKER_CLOSED = "BREAKER_CLOSED"
+    DELIVERY_VERIFIED = "DELIVERY_VERIFIED"
 
 
 class RequestStatus(enum.Enum):
@@ -314,6 +316,23 @@ class Delivery(Base):
     acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class DeliveryCheck(Base):
+    """A check that a destination holds what it acknowledged (C-FIND of the new study)."""
+
+    __tablename__ = "delivery_checks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[int] = mapped_column(ForeignKey("transfer_requests.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    checked_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expected: Mapped[int] = mapped_column(Integer)
+    """Instances of the new study FIONA delivered to this destination (all requests)."""
+    found: Mapped[int | None] = mapped_column(Integer)
+    """What the destination reports (None: the query failed)."""
+    ok: Mapped[bool] = mapped_column(default=False)
+    error: Mapped[str | None] = mapped_column(Text)
 
 
 class DestinationState(Base):

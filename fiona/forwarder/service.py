@@ -41,6 +41,7 @@ from fiona.forwarder.ledger import (
     release_owner,
 )
 from fiona.forwarder.senders import DicomSender, DicomWebSender, FolderSender, Prepared, Sender
+from fiona.forwarder.verify import verify_deliveries
 from fiona.requests import activate_requests
 
 __all__ = ["Forwarder"]
@@ -129,6 +130,7 @@ class Forwarder:
         added = prepare(self.session_factory, self.config, self.storage, self.node_key, now)
         if ready or added:
             log.info("requests prepared", requests=len(ready), deliveries=added)
+        verify_deliveries(self.session_factory, self.config, self.clock())
 
     def _pipeline_loop(self) -> None:
         while not self._stop.is_set():

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from fionatest import FionaServer, sample_file, store_failures, storescu, write_study
 from peers import HANG, Orthanc, ScriptedSCP, StoreSCP
 from pydicom import config as pydicom_config
@@ -406,3 +407,38 @@ def test_stow_rs_to_orthanc_dicomweb(tmp_path: Path, node_factory: Callable[...,
         assert all(row.state == DeliveryState.FAILED for row in wrong)
         assert {row.last_error_class for row in wrong} == {"http-refused"}
         assert "HTTP 404" in (wrong[0].last_error or "")
+
+
+def test_verification_counts_what_the_pacs_holds(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    find = {"DicomAlwaysAllowFind": True}
+    with Orthanc(tmp_path / "pacs", extra_config=find) as pacs:
+        node = node_factory({"pacs": dicom_destination(pacs, verify=True)}, uid_scheme="hmac")
+        files = write_study(tmp_path / "study", 2, 3)
+        node.send(files[:3])
+        request_id = node.request(dcmread(files[0]).StudyInstanceUID)
+        node.wait_request(request_id, RequestStatus.SENT)
+
+        def checks() -> list[AuditEvent]:
+            return node.audit(AuditEventType.DELIVERY_VERIFIED)
+
+        deadline = time.monotonic() + 30
+        while not checks():
+            assert time.monotonic() < deadline, node.server.log()
+            time.sleep(0.1)
+        first = checks()[0].details
+        assert (first["expected"], first["found"], first["ok"]) == (3, 3, True)
+        # Someone deletes an instance in the PACS; the late series triggers the next check.
+        gone = pacs.instance_ids()[0]
+        requests.delete(f"{pacs.url}/instances/{gone}", timeout=30).raise_for_status()
+        node.send(files[3:])
+        deadline = time.monotonic() + 60
+        while len(checks()) < 2:
+            assert time.monotonic() < deadline, node.server.log()
+            time.sleep(0.1)
+        second = checks()[1].details
+        assert (second["expected"], second["found"], second["ok"]) == (6, 5, False)
+        request = node.wait_request(request_id, RequestStatus.SENT)
+        assert request.transfer_error == "verification"
+        assert "holds 5 of the 6 instances delivered" in (request.transfer_error_message or "")
