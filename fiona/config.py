@@ -32,6 +32,7 @@ from fiona.errors import ConfigError
 __all__ = [
     "DatabaseConfig",
     "DestinationConfig",
+    "DestinationTls",
     "DicomDestination",
     "DicomWebDestination",
     "FionaConfig",
@@ -39,6 +40,7 @@ __all__ = [
     "ForwardingConfig",
     "LoggingConfig",
     "NodeConfig",
+    "NodeTls",
     "ProjectConfig",
     "StorageConfig",
     "load_config",
@@ -65,6 +67,44 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _existing_file(value: Path | None) -> Path | None:
+    if value is not None and not value.is_file():
+        raise ValueError(f"{value} is not a readable file")
+    return value
+
+
+class NodeTls(_Frozen):
+    """A second, TLS-only listener of the SCP (DICOM TLS, usually port 2762)."""
+
+    port: Annotated[int, Field(ge=1, le=65535)]
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    """If set, a client must present a certificate signed by these CAs."""
+
+    _files = field_validator("cert_file", "key_file", "ca_file")(_existing_file)
+
+
+class DestinationTls(_Frozen):
+    """DICOM TLS towards a destination; its certificate is always verified."""
+
+    ca_file: Path | None = None
+    """CAs that sign the destination's certificate (default: the system's)."""
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    """FIONA's client certificate, if the destination asks for one."""
+    server_hostname: str | None = None
+    """The name in the destination's certificate (default: ``host``)."""
+
+    _files = field_validator("cert_file", "key_file", "ca_file")(_existing_file)
+
+    @model_validator(mode="after")
+    def _pair(self) -> DestinationTls:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
 class NodeConfig(_Frozen):
     """The DICOM node FIONA runs (its SCP)."""
 
@@ -86,6 +126,8 @@ class NodeConfig(_Frozen):
     acse_timeout: Annotated[float, Field(gt=0)] = 30.0
     dimse_timeout: Annotated[float, Field(gt=0)] = 60.0
     network_timeout: Annotated[float, Field(gt=0)] = 60.0
+    tls: NodeTls | None = None
+    """An additional DICOM TLS listener."""
 
     @field_validator("ae_title")
     @classmethod
@@ -136,6 +178,7 @@ class DicomDestination(_Frozen):
     """Instances sent per association (one series at most)."""
     verify: bool = False
     """After a request is delivered, C-FIND the new study here and compare instance counts."""
+    tls: DestinationTls | None = None
 
     @field_validator("ae_title", "calling_ae_title")
     @classmethod
@@ -393,15 +436,25 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
             rest = url[len("sqlite:///") :]
             if rest and not rest.startswith(":memory:"):
                 database["url"] = "sqlite:///" + str((base / rest).resolve())
+
+    def resolve(section: object, keys: tuple[str, ...]) -> None:
+        if not isinstance(section, dict):
+            return
+        for key in keys:
+            if isinstance(section.get(key), str):
+                path = Path(section[key]).expanduser()
+                section[key] = str(path if path.is_absolute() else (base / path).resolve())
+
+    tls_keys = ("cert_file", "key_file", "ca_file")
+    node = raw.get("node")
+    if isinstance(node, dict):
+        resolve(node.get("tls"), tls_keys)
     destinations = raw.get("destinations")
     if isinstance(destinations, dict):
         for destination in destinations.values():
-            if not isinstance(destination, dict):
-                continue
-            for key in ("path", "password_file", "ca_file"):
-                if isinstance(destination.get(key), str):
-                    path = Path(destination[key]).expanduser()
-                    destination[key] = str(path if path.is_absolute() else (base / path).resolve())
+            resolve(destination, ("path", "password_file", "ca_file"))
+            if isinstance(destination, dict):
+                resolve(destination.get("tls"), tls_keys)
     projects = raw.get("projects")
     if isinstance(projects, dict):
         for project in projects.values():

@@ -24,7 +24,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian
@@ -81,6 +81,23 @@ def split_for_contexts(batch: Sequence[Prepared]) -> list[list[Prepared]]:
     return groups
 
 
+def associate(ae: AE, destination: DicomDestination, contexts: list[Any] | None = None) -> Any:
+    """Open an association to *destination* (TLS when configured), Nagle off."""
+    tls_args = None
+    if destination.tls is not None:
+        from fiona.tls import client_context
+
+        tls_args = client_context(destination.tls, destination.host)
+    return ae.associate(
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title,
+        contexts=contexts,
+        evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+        tls_args=tls_args,
+    )
+
+
 class DicomSender:
     """C-STORE SCU for one DICOM destination."""
 
@@ -103,11 +120,7 @@ class DicomSender:
         """C-ECHO the destination."""
         ae = self._ae()
         ae.add_requested_context(Verification)
-        dest = self.destination
-        assoc = ae.associate(
-            dest.host, dest.port, ae_title=dest.ae_title,
-            evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
-        )  # fmt: skip
+        assoc = associate(ae, self.destination)
         if not assoc.is_established:
             return False, self._not_established(assoc).reason
         try:
@@ -150,11 +163,7 @@ class DicomSender:
         ae = self._ae()
         contexts = [build_context(sop, [syntax]) for sop, syntax in _contexts(group)]
         contexts.append(build_context(Verification))
-        dest = self.destination
-        assoc = ae.associate(
-            dest.host, dest.port, ae_title=dest.ae_title, contexts=contexts,
-            evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
-        )  # fmt: skip
+        assoc = associate(ae, self.destination, contexts)
         if not assoc.is_established:
             failure = self._not_established(assoc)
             return [(item, failure) for item, _data in group]

@@ -14,7 +14,7 @@ from datetime import datetime
 
 import structlog
 from pydicom import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
@@ -31,7 +31,7 @@ from fiona.db import (
     RequestStatus,
     TransferRequest,
 )
-from fiona.scu import set_nodelay
+from fiona.forwarder.senders import associate
 
 __all__ = ["count_study_instances", "verify_deliveries"]
 
@@ -47,12 +47,7 @@ def count_study_instances(
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     timeout = min(destination.timeout, 30.0)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    assoc = ae.associate(
-        destination.host,
-        destination.port,
-        ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
-    )
+    assoc = associate(ae, destination)
     if not assoc.is_established:
         return None, "no association for C-FIND"
     try:

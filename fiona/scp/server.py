@@ -125,6 +125,7 @@ class Node:
     _server: Any = None
     _scheduler: BackgroundScheduler | None = None
     _forwarder: Any = None
+    _tls_server: Any = None
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
@@ -144,18 +145,33 @@ class Node:
         ae.dimse_timeout = config.node.dimse_timeout
         ae.network_timeout = config.node.network_timeout
         ae.require_called_aet = False  # FIONA decides in EVT_REQUESTED (several titles)
+        handler_list: list[Any] = [
+            (evt.EVT_CONN_OPEN, handlers.handle_conn_open),
+            (evt.EVT_REQUESTED, handlers.handle_requested),
+            (evt.EVT_REJECTED, handlers.handle_rejected),
+            (evt.EVT_ACCEPTED, handlers.handle_accepted),
+            (evt.EVT_CONN_CLOSE, handlers.handle_conn_close),
+            (evt.EVT_C_ECHO, handlers.handle_echo),
+            (evt.EVT_C_STORE, handlers.handle_store),
+        ]
+        server_class = ReusePortServer if config.node.workers > 1 else ThreadedAssociationServer
+        if config.node.tls is not None:
+            from fiona.tls import server_context
+
+            self._tls_server = ae.make_server(
+                (config.node.host, config.node.tls.port),
+                server_class=server_class,
+                evt_handlers=handler_list,
+                ssl_context=server_context(config.node.tls),
+            )
+            ae._servers.append(self._tls_server)
+            threading.Thread(
+                target=self._tls_server.serve_forever, name="fiona-tls-acceptor", daemon=True
+            ).start()
         self._server = ae.make_server(
             (config.node.host, config.node.port),
-            server_class=ReusePortServer if config.node.workers > 1 else ThreadedAssociationServer,
-            evt_handlers=[
-                (evt.EVT_CONN_OPEN, handlers.handle_conn_open),
-                (evt.EVT_REQUESTED, handlers.handle_requested),
-                (evt.EVT_REJECTED, handlers.handle_rejected),
-                (evt.EVT_ACCEPTED, handlers.handle_accepted),
-                (evt.EVT_CONN_CLOSE, handlers.handle_conn_close),
-                (evt.EVT_C_ECHO, handlers.handle_echo),
-                (evt.EVT_C_STORE, handlers.handle_store),
-            ],
+            server_class=server_class,
+            evt_handlers=handler_list,
         )
         ae._servers.append(self._server)  # so that server.shutdown() can deregister it
         threading.Thread(
@@ -168,6 +184,7 @@ class Node:
             ae_title=config.node.ae_title,
             host=config.node.host,
             port=self._server.server_address[1],
+            tls_port=config.node.tls.port if config.node.tls is not None else None,
             storage=str(services.spool.root),
         )
 
@@ -231,16 +248,17 @@ class Node:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        if self._server is not None:
-            server = self._server
+        servers = [s for s in (self._server, self._tls_server) if s is not None]
+        for server in servers:
             server.shutdown()  # no new associations; running ones continue
-            deadline = time.monotonic() + grace_seconds
-            # Only established associations are in flight; a connection still waiting for
-            # its A-ASSOCIATE-RQ (a port probe, say) is not worth waiting acse_timeout for.
-            while time.monotonic() < deadline and any(
-                assoc.is_established for assoc in server.active_associations
-            ):
-                time.sleep(0.05)
+        deadline = time.monotonic() + grace_seconds
+        # Only established associations are in flight; a connection still waiting for
+        # its A-ASSOCIATE-RQ (a port probe, say) is not worth waiting acse_timeout for.
+        while time.monotonic() < deadline and any(
+            assoc.is_established for server in servers for assoc in server.active_associations
+        ):
+            time.sleep(0.05)
+        for server in servers:
             for assoc in server.active_associations:
                 if assoc.is_established:
                     log.warning("aborting association at shutdown: grace period over")
