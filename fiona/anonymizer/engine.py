@@ -436,7 +436,10 @@ class _Rewriter:
         runs for nearly every file. It is a tight loop, one struct unpack per element and
         defined lengths skipped inline, doing what _header and _element_end would do, in the
         same order and with the same errors (a VR only matters here for undefined lengths).
+        The top level is always read in the dataset's own encoding, whichever nested
+        (possibly implicit-VR) sequence asks first.
         """
+        enc = self.enc
         if self.study_scanned:
             return self.study_stored
         self.study_scanned = True

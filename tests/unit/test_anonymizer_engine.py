@@ -418,3 +418,38 @@ def test_a_nul_padded_charset_names_its_set() -> None:
         warnings.simplefilter("ignore", UserWarning)  # pydicom reads the padded name, warning
         out = anonymize_bytes(padded, PROFILES["mmiv"], _context(patient_name="Müller^Åse")).data
         assert _patient_name_bytes(out) == "Müller^Åse".encode("latin-1")
+
+
+def test_a_un_sequence_asking_first_for_the_study_uid_does_not_misread_the_top_level() -> None:
+    """The look-ahead for the study UID reads the top level in its own (explicit) encoding,
+    even when the first UID to map sits in an implicit-VR sequence inside a UN element."""
+    import struct
+
+    def element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+        if vr in (b"UN", b"SQ", b"OB"):
+            return struct.pack("<HH2sHL", group, elem, vr, 0, len(value)) + value
+        return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+    study = b"1.2.3.4.5.6\x00"
+    item = struct.pack("<HHL", 0x0008, 0x1155, len(study)) + study  # implicit VR inside UN
+    un = (
+        struct.pack("<HH2sHL", 0x0009, 0x1001, b"UN", 0, 0xFFFFFFFF)
+        + struct.pack("<HHL", 0xFFFE, 0xE000, len(item))
+        + item
+        + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    )
+    body = (
+        element(0x0008, 0x0005, b"CS", b"ISO_IR 100")
+        + element(0x0009, 0x0010, b"LO", b"ACME 1.0")
+        + un
+        + element(0x0010, 0x0010, b"PN", b"DOE^J ")
+        + element(0x0020, 0x000D, b"UI", study)
+    )
+    meta = element(0x0002, 0x0010, b"UI", b"1.2.840.10008.1.2.1\x00")
+    data = b"\0" * 128 + b"DICM" + meta + body
+    context = Context(project="P", pseudonym="P1", scheme=make_scheme("mmiv", "P"))
+    result = anonymize_bytes(data, load_profile("mmiv"), context)
+    assert result.study_instance_uid == make_scheme("mmiv", "P").study_uid(study).decode()
+    with pytest.MonkeyPatch.context() as patch:  # MMIV UIDs may start a component with 0
+        patch.setattr(config.settings, "reading_validation_mode", config.IGNORE)
+        assert read_dicom(result.data).PatientName == "P1"
