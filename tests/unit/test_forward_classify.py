@@ -51,3 +51,28 @@ def test_backoff_doubles_with_jitter_and_is_capped() -> None:
     assert backoff(3, policy, lambda: 0.999) == pytest.approx(40, rel=1e-3)
     assert backoff(30, policy, lambda: 0.999) == pytest.approx(300, rel=1e-3)
     assert backoff(10**6, policy, lambda: 0.0) == 150.0  # no overflow for absurd counts
+
+
+def test_batches_are_split_to_stay_within_128_presentation_contexts() -> None:
+    from pathlib import Path
+
+    from fiona.forwarder.ledger import WorkItem
+    from fiona.forwarder.senders import MAX_CONTEXTS, _contexts, split_for_contexts
+
+    def item(number: int, syntax: str) -> WorkItem:
+        return WorkItem(
+            delivery_id=number, request_id=1, destination="pacs", path=Path("x"), digest="",
+            project="P", pseudonym="P1", event="", site="", date_offset_days=None,
+            sop_class_uid=f"1.2.3.{number}", transfer_syntax_uid=syntax,
+            new_study_instance_uid="1", new_series_instance_uid="2",
+            new_sop_instance_uid=f"3.{number}", attempts=1,
+        )  # fmt: skip
+
+    jpeg = "1.2.840.10008.1.2.4.50"
+    batch = [(item(n, jpeg), b"") for n in range(100)]  # 100 SOP classes × 2 syntaxes
+    groups = split_for_contexts(batch)
+    assert [len(group) for group in groups] == [63, 37]
+    assert all(len(_contexts(group)) <= MAX_CONTEXTS for group in groups)
+    assert [pair for group in groups for pair in group] == batch  # nothing lost or reordered
+    explicit = "1.2.840.10008.1.2.1"
+    assert len(split_for_contexts([(item(n, explicit), b"") for n in range(127)])) == 1
