@@ -69,7 +69,7 @@ def test_batches_are_split_to_stay_within_128_presentation_contexts() -> None:
         )  # fmt: skip
 
     jpeg = "1.2.840.10008.1.2.4.50"
-    batch = [(item(n, jpeg), b"") for n in range(100)]  # 100 SOP classes × 2 syntaxes
+    batch = [(item(n, jpeg), b"") for n in range(100)]  # 100 SOP classes, 2 syntaxes each
     groups = split_for_contexts(batch)
     assert [len(group) for group in groups] == [63, 37]
     assert all(len(_contexts(group)) <= MAX_CONTEXTS for group in groups)
