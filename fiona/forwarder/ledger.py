@@ -377,8 +377,14 @@ def claim(
     now: datetime,
     lease_seconds: float,
     limit: int,
+    share: int = 1,
 ) -> list[WorkItem]:
-    """Lease up to *limit* due rows of *destination* (one request and series) and count them."""
+    """Lease due rows of *destination* (one request and series) and count the attempt.
+
+    A sender takes its fair part of what is due in that series — the due rows divided by
+    *share* (the destination's parallel senders), at most *limit* — so that parallel
+    associations finish together instead of one of them sending a long tail alone.
+    """
     with session_factory() as session, session.begin():
         query = (
             select(Delivery)
@@ -402,6 +408,19 @@ def claim(
             if row.request_id == first.request_id
             and row.new_series_instance_uid == first.new_series_instance_uid
         ]
+        if share > 1:
+            due = session.scalar(
+                select(func.count())
+                .select_from(Delivery)
+                .where(
+                    Delivery.destination == destination,
+                    Delivery.state == DeliveryState.PENDING,
+                    Delivery.next_attempt_at <= now,
+                    Delivery.request_id == first.request_id,
+                    Delivery.new_series_instance_uid == first.new_series_instance_uid,
+                )
+            )
+            rows = rows[: max(1, -(-int(due or 0) // share))]
         request = session.get(TransferRequest, first.request_id)
         assert request is not None
         items = []

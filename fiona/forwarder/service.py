@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -50,6 +51,8 @@ log = structlog.get_logger("fiona.forwarder")
 
 # Outcomes that say the destination itself could not be reached or refused to talk.
 _UNREACHABLE = {"unreachable", "rejected-transient", "aborted", "no-response"}
+LEASE_CHECK_SECONDS = 15.0
+"""How often expired leases are looked for (a lease lasts minutes; no need to scan each poll)."""
 
 
 class Forwarder:
@@ -74,7 +77,9 @@ class Forwarder:
             name: self._sender(name) for name in config.destinations
         }
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._pipeline_wake = threading.Event()
+        self._senders_wake = threading.Condition()
+        self._last_lease_check = 0.0
         self._threads: list[threading.Thread] = []
         self._probing: dict[str, threading.Lock] = {name: threading.Lock() for name in self.senders}
         self._settings: dict[str, ProjectDeidentification] = {}
@@ -108,28 +113,36 @@ class Forwarder:
 
     def kick(self) -> None:
         """Look for work now (a study became stable, a request was added)."""
-        self._wake.set()
+        self._pipeline_wake.set()
+
+    def _wake_senders(self) -> None:
+        with self._senders_wake:
+            self._senders_wake.notify_all()
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
-        self._wake.set()
+        self._pipeline_wake.set()
+        self._wake_senders()
         for thread in self._threads:
             thread.join(timeout)
 
     def _pause(self) -> None:
-        self._wake.wait(self.config.forwarding.poll_seconds)
-        self._wake.clear()
+        with self._senders_wake:
+            self._senders_wake.wait(self.config.forwarding.poll_seconds)
 
     # -- the pipeline ------------------------------------------------------------------------
 
     def run_pipeline_once(self) -> None:
         """Activate requests, prepare ``processing`` ones, recover expired leases."""
         now = self.clock()
-        recover_leases(self.session_factory, now)
+        if time.monotonic() - self._last_lease_check > LEASE_CHECK_SECONDS:
+            self._last_lease_check = time.monotonic()
+            recover_leases(self.session_factory, now)
         ready = activate_requests(self.session_factory, self.config, self.node_key, now)
         added = prepare(self.session_factory, self.config, self.storage, self.node_key, now)
         if ready or added:
             log.info("requests prepared", requests=len(ready), deliveries=added)
+            self._wake_senders()
         verify_deliveries(self.session_factory, self.config, self.clock())
 
     def _pipeline_loop(self) -> None:
@@ -138,7 +151,8 @@ class Forwarder:
                 self.run_pipeline_once()
             except Exception:
                 log.exception("forwarding pipeline step failed")
-            self._stop.wait(self.config.forwarding.poll_seconds)
+            self._pipeline_wake.wait(self.config.forwarding.poll_seconds)
+            self._pipeline_wake.clear()
 
     # -- senders -----------------------------------------------------------------------------
 
@@ -157,7 +171,7 @@ class Forwarder:
         limit = self.config.destinations[destination].batch_size
         items = claim(
             self.session_factory, self.storage, destination, owner, self.clock(),
-            self.lease_seconds, limit,
+            self.lease_seconds, limit, share=self.config.destinations[destination].max_associations,
         )  # fmt: skip
         if not items:
             return 0
@@ -240,7 +254,7 @@ class Forwarder:
                     )
                 )
             log.info("destination answers again: breaker closed", destination=destination)
-            self._wake.set()
+            self._wake_senders()
             return True
         finally:
             lock.release()

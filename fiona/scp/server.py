@@ -233,13 +233,15 @@ class Node:
         if services is None:
             return
         try:
-            sweep(
+            result = sweep(
                 services.session_factory,
                 services.spool,
                 services.node_key,
                 self.clock(),
                 self.config.stable_after_seconds,
             )
+            if result.studies_stable and self._forwarder is not None:
+                self._forwarder.kick()  # requests waiting for these studies go now
         except Exception:
             log.exception("stability sweep failed")
 
