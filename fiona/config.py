@@ -243,8 +243,12 @@ class ForwardingConfig(_Frozen):
     """Consecutive failed associations that open a destination's circuit breaker."""
     breaker_probe_seconds: Annotated[float, Field(gt=0, le=86400)] = 30.0
     """While open, C-ECHO (or check the folder) this often; resume when it answers."""
-    poll_seconds: Annotated[float, Field(gt=0, le=3600)] = 2.0
-    """How often idle senders look for due work."""
+    poll_seconds: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    """How often idle senders look for due work, and the pipeline for new instances."""
+    stream_while_receiving: bool = True
+    """A request whose study is still arriving is prepared and sent as instances come in; it
+    is complete (``sent``) only once the study is stable and every instance is delivered.
+    ``false``: wait until the study is stable before sending anything."""
 
 
 class StorageConfig(_Frozen):

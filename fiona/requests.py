@@ -2,10 +2,12 @@
 
 A request names a study by its original StudyInstanceUID. :func:`activate_requests` moves
 ``new`` and ``waiting-for-data`` requests on: a project that does not exist or is inactive fails
-the request with that reason; a study not received (or not yet stable) waits; a stable study's
-request goes to ``processing``, where the forwarder prepares and delivers it. A request that was
-``sent`` or ``partial`` goes back to ``processing`` when its study received late instances and
-became stable again — only the new instances are then sent.
+the request with that reason; a study not received yet waits; once its first instance is in
+(with ``forwarding.stream_while_receiving``, the default; otherwise once it is stable) the
+request goes to ``processing``, where the forwarder prepares and delivers instances as they
+arrive, and completes it when the study is stable. A request that was ``sent`` or
+``partial`` goes back to ``processing`` when its study receives late instances — only the new
+instances are then sent.
 
 Issue 5 adds the poller of the REDCap-like table and of REDCap, naming a study by
 AccessionNumber or PatientID + StudyDate, pseudonym patterns, approval windows and the
@@ -92,15 +94,22 @@ def activate_requests(
                 study = session.scalars(
                     select(Study).where(Study.study_instance_uid == request.study_instance_uid)
                 ).one_or_none()
+            stream = config.forwarding.stream_while_receiving
             if request.status in _DONE:
-                # Late instances: the study re-opened and became stable after the request was
-                # sent. Only instances without ledger rows will be prepared and sent.
+                # Late instances: the study re-opened after the request was sent (and, unless
+                # streaming, became stable again). Only instances without ledger rows will be
+                # prepared and sent.
                 if (
                     study is not None
-                    and study.state == StudyState.STABLE
-                    and study.stable_at is not None
                     and request.transfer_date is not None
-                    and study.stable_at > request.transfer_date
+                    and (
+                        (stream and study.last_received_at > request.transfer_date)
+                        or (
+                            study.state == StudyState.STABLE
+                            and study.stable_at is not None
+                            and study.stable_at > request.transfer_date
+                        )
+                    )
                 ):
                     request.status = RequestStatus.PROCESSING
                     request.updated_at = now
@@ -130,7 +139,7 @@ def activate_requests(
                     )
                 )
                 continue
-            if study is None or study.state != StudyState.STABLE:
+            if study is None or (study.state != StudyState.STABLE and not stream):
                 if request.status != RequestStatus.WAITING_FOR_DATA:
                     request.status = RequestStatus.WAITING_FOR_DATA
                     request.updated_at = now

@@ -38,6 +38,8 @@ from fiona.db import (
     DestinationState,
     Instance,
     RequestStatus,
+    Study,
+    StudyState,
     TransferRequest,
 )
 from fiona.errors import ConfigError, DeidentificationError
@@ -312,6 +314,24 @@ def _rollup(
         )
         if counts[DeliveryState.PENDING] or counts[DeliveryState.IN_FLIGHT]:
             return
+        # A request is complete only when its study is: stable, and every instance prepared
+        # (instances keep arriving while a request streams).
+        if request.study_id is not None:
+            study = session.get(Study, request.study_id)
+            if study is None or study.state != StudyState.STABLE:
+                return
+            instances = session.scalar(
+                select(func.count())
+                .select_from(Instance)
+                .where(Instance.study_id == request.study_id, Instance.file_missing.is_(False))
+            )
+            prepared = session.scalar(
+                select(func.count(func.distinct(Delivery.instance_id))).where(
+                    Delivery.request_id == request_id
+                )
+            )
+            if (prepared or 0) < (instances or 0):
+                return
         delivered, failed = counts[DeliveryState.DELIVERED], counts[DeliveryState.FAILED]
         flags = []
         messages: list[str] = []

@@ -442,3 +442,30 @@ def test_verification_counts_what_the_pacs_holds(
         request = node.wait_request(request_id, RequestStatus.SENT)
         assert request.transfer_error == "verification"
         assert "holds 5 of the 6 instances delivered" in (request.transfer_error_message or "")
+
+
+def test_a_request_waiting_for_its_study_streams_it_while_it_arrives(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    with ScriptedSCP() as scp:
+        node = node_factory({"pacs": dicom_destination(scp)}, uid_scheme="hmac")
+        config = node.server.config_path
+        raw = config.read_text().replace("stable_after_seconds: 2", "stable_after_seconds: 30")
+        config.write_text(raw)  # a long quiet period: delivery must not wait for it
+        node.server.stop()
+        node.server.start()
+        files = write_study(tmp_path / "study", 1, 4)
+        request_id = node.request(dcmread(files[0]).StudyInstanceUID)
+        node.send(files[:2])
+        scp.wait_for_stored(2, timeout=30)  # delivered while the study is still arriving
+        with node.sessions() as session:
+            request = session.get(TransferRequest, request_id)
+            assert request is not None and request.status == RequestStatus.PROCESSING
+        node.send(files[2:])
+        scp.wait_for_stored(4, timeout=30)
+        time.sleep(1.0)  # the study is not stable for 30 s: the request stays open
+        with node.sessions() as session:
+            request = session.get(TransferRequest, request_id)
+            assert request is not None and request.status == RequestStatus.PROCESSING
+        assert len(node.ledger(request_id)) == 4
+        assert all(row.state == DeliveryState.DELIVERED for row in node.ledger(request_id))
