@@ -512,8 +512,13 @@ def run_fiona(
         if spy_proc is not None:
             spy_stop(spy_proc)
             spy = spy_buckets(spy_raw)
-        time.sleep(0.3)  # the last batch's record/rollup commit follows the last response
+        # The request completes once the study is stable (FIONA streams the study while it
+        # arrives, so the instances may all be in Orthanc before that): wait for it.
+        complete_by = sent.last_ack + args.stable_after + 15
         facts = ledger_facts(server, request_id)
+        while facts["status"] != "sent" and time.time() < complete_by:
+            time.sleep(0.2)
+            facts = ledger_facts(server, request_id)
         if facts["status"] != "sent":
             problems.append(f"request status {facts['status']}")
         studies = pacs.studies()
