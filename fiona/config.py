@@ -213,6 +213,8 @@ class DicomWebDestination(_Frozen):
     batch_size: Annotated[int, Field(ge=1, le=10000)] = 50
     """Instances per STOW-RS request (one series at most)."""
 
+    _files = field_validator("password_file", "ca_file")(_existing_file)
+
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:

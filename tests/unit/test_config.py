@@ -76,6 +76,11 @@ def test_config_is_frozen(tmp_path: Path) -> None:
             "go together",
         ),
         ("destinations: {w: {kind: smtp}}\n", "destinations.w", "does not match"),
+        (
+            "destinations: {w: {kind: dicomweb, url: 'http://x', username: u, password_file: p}}\n",
+            "destinations.w.dicomweb.password_file",
+            "not a readable file",
+        ),
         ("projects: {BICAM: {destinations: [nope]}}\n", "<top>", "unknown destination"),
         ("projects: {BICAM: {profile: p.yaml}}\n", "projects.BICAM", "cannot read the profile"),
         ("projects: {BICAM: {uid_scheme: sha1}}\n", "projects.BICAM.uid_scheme", "mmiv-hex"),
