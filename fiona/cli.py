@@ -285,10 +285,11 @@ def transfers(config_path: Path | None, request_id: int, as_json: bool, retry: b
     config = _load(config_path)
     engine = make_engine(config.database.url)
     upgrade(engine)
+    sessions = make_sessionmaker(engine)
     if retry:
-        count = retry_failed(make_sessionmaker(engine), request_id, utcnow(), getpass.getuser())
+        count = retry_failed(sessions, request_id, utcnow(), getpass.getuser())
         click.echo(f"request {request_id}: {count} failed deliveries are due again")
-    with make_sessionmaker(engine)() as session:
+    with sessions() as session:
         request = session.get(TransferRequest, request_id)
         if request is None:
             click.echo(f"no transfer request {request_id}", err=True)

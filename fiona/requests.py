@@ -26,7 +26,7 @@ from fiona.config import FionaConfig
 from fiona.db import AuditEventType, RequestStatus, Study, StudyState, TransferRequest
 from fiona.keys import keyed_hash
 
-__all__ = ["activate_requests", "create_request"]
+__all__ = ["activate_requests", "create_request", "fail_request", "study_key"]
 
 _OPEN = (RequestStatus.NEW, RequestStatus.WAITING_FOR_DATA)
 _DONE = (RequestStatus.SENT, RequestStatus.PARTIAL)
@@ -79,6 +79,33 @@ def create_request(
     return request
 
 
+def study_key(node_key: bytes, request: TransferRequest) -> str | None:
+    """The keyed hash that names a request's study in audit rows (never the UID itself)."""
+    if not request.study_instance_uid:
+        return None
+    return keyed_hash(node_key, request.study_instance_uid)
+
+
+def fail_request(
+    session: Session, request: TransferRequest, now: datetime, flag: str, reason: str
+) -> None:
+    """Mark *request* ``failed`` with an error flag and the reason, and audit it."""
+    request.status = RequestStatus.FAILED
+    request.transfer_error = flag
+    request.transfer_error_message = reason
+    request.updated_at = now
+    session.add(
+        audit_event(
+            AuditEventType.REQUEST_FAILED,
+            actor="fiona",
+            occurred_at=now,
+            project=request.transfer_project_name,
+            request_id=request.id,
+            reason=reason,
+        )
+    )
+
+
 def activate_requests(
     session_factory: sessionmaker[Session], config: FionaConfig, node_key: bytes, now: datetime
 ) -> list[int]:
@@ -124,20 +151,7 @@ def activate_requests(
             elif not project.destinations:
                 reason = f"project {request.transfer_project_name} has no destinations"
             if reason is not None:
-                request.status = RequestStatus.FAILED
-                request.transfer_error = "held"
-                request.transfer_error_message = reason
-                request.updated_at = now
-                session.add(
-                    audit_event(
-                        AuditEventType.REQUEST_FAILED,
-                        actor="fiona",
-                        occurred_at=now,
-                        project=request.transfer_project_name,
-                        request_id=request.id,
-                        reason=reason,
-                    )
-                )
+                fail_request(session, request, now, "held", reason)
                 continue
             if study is None or (study.state != StudyState.STABLE and not stream):
                 if request.status != RequestStatus.WAITING_FOR_DATA:

@@ -44,7 +44,7 @@ from fiona.db import (
 )
 from fiona.errors import ConfigError, DeidentificationError
 from fiona.forwarder.classify import Kind, Outcome
-from fiona.keys import keyed_hash
+from fiona.requests import fail_request, study_key
 
 __all__ = [
     "WorkItem",
@@ -182,7 +182,10 @@ def _prepare_one(
             settings = project_deidentification(config, request.transfer_project_name)
             settings_cache[request.transfer_project_name] = settings
     except ConfigError as exc:
-        _fail_request(session_factory, request_id, now, f"configuration: {exc}")
+        with session_factory() as session, session.begin():
+            stored = session.get(TransferRequest, request_id)
+            if stored is not None:
+                fail_request(session, stored, now, DEID_FAILED, f"configuration: {exc}")
         return 0
     context = _context(settings, request)
     rows: list[Delivery] = []
@@ -233,9 +236,7 @@ def _prepare_one(
         stored = session.get(TransferRequest, request_id)
         if stored is not None and new_study and not stored.transfer_mapped_uid:
             stored.transfer_mapped_uid = new_study
-        study_key = (
-            keyed_hash(node_key, request.study_instance_uid) if request.study_instance_uid else None
-        )
+        key = study_key(node_key, request)
         session.add(
             audit_event(
                 AuditEventType.DEIDENTIFIED,
@@ -243,7 +244,7 @@ def _prepare_one(
                 occurred_at=now,
                 project=request.transfer_project_name,
                 request_id=request_id,
-                study_key=study_key,
+                study_key=key,
                 profile=settings.profile.name,
                 profile_version=settings.profile.version,
                 profile_sha256=settings.profile.digest,
@@ -263,35 +264,12 @@ def _prepare_one(
                     occurred_at=now,
                     project=request.transfer_project_name,
                     request_id=request_id,
-                    study_key=study_key,
+                    study_key=key,
                     reason=reason,
                 )
             )
     _rollup(session_factory, request_id, now, node_key)
     return len(rows)
-
-
-def _fail_request(
-    session_factory: sessionmaker[Session], request_id: int, now: datetime, reason: str
-) -> None:
-    with session_factory() as session, session.begin():
-        request = session.get(TransferRequest, request_id)
-        if request is None:
-            return
-        request.status = RequestStatus.FAILED
-        request.transfer_error = DEID_FAILED
-        request.transfer_error_message = reason
-        request.updated_at = now
-        session.add(
-            audit_event(
-                AuditEventType.REQUEST_FAILED,
-                actor="fiona",
-                occurred_at=now,
-                project=request.transfer_project_name,
-                request_id=request_id,
-                reason=reason,
-            )
-        )
 
 
 def _rollup(
@@ -376,11 +354,7 @@ def _rollup(
                 occurred_at=now,
                 project=request.transfer_project_name,
                 request_id=request_id,
-                study_key=(
-                    keyed_hash(node_key, request.study_instance_uid)
-                    if request.study_instance_uid
-                    else None
-                ),
+                study_key=study_key(node_key, request),
                 status=request.status.value,
                 delivered=delivered,
                 failed=failed,
