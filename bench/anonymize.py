@@ -57,7 +57,6 @@ import platform
 import pstats
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -73,6 +72,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
+if str(HERE) not in sys.path:  # bench/receive.py's helpers
+    sys.path.insert(0, str(HERE))
+
+from receive import git_state  # noqa: E402
 
 DEFAULT_CORPUS = Path(tempfile.gettempdir()) / "fiona-bench-anonymize-corpus"
 CORPUS_VERSION = 1
@@ -690,28 +693,6 @@ def run_cprofile(files: list[Path], top: int, warmup: int) -> None:
     stats = pstats.Stats(profiler)
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
-
-
-def git_state() -> str:
-    """The commit measured, and whether fiona/ had uncommitted changes."""
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--", "fiona", "rules"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return f"{head}{' (fiona/ modified)' if dirty else ''}"
 
 
 def machine() -> dict[str, Any]:

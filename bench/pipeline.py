@@ -81,7 +81,15 @@ for _folder in (HERE, REPO / "tests"):
 # bench/anonymize.py's realistic CT header (137 top-level elements, private blocks): the
 # mmiv profile has real work to do. bench/receive.py's process helpers.
 from anonymize import make_corpus  # noqa: E402
-from receive import ECHOSCU, ORTHANC, STORESCU, cpu_times, git_state, wait_echo  # noqa: E402
+from receive import (  # noqa: E402
+    ECHOSCU,
+    ORTHANC,
+    STORESCU,
+    cpu_times,
+    dcmtk_env,
+    git_state,
+    wait_echo,
+)
 
 HOST = "127.0.0.1"
 NODE_AE = "FIONA"
@@ -92,10 +100,6 @@ TARGET_RATIO = 0.5  # issue 4: end-to-end throughput >= 0.5x straight to Orthanc
 LATENCY_SLACK_S = 10.0  # issue 4: latency <= stable_after_seconds + 10 s for 500 instances
 DEFAULT_CORPUS = OUT / "pipeline-corpus"
 PY_SPY = "py-spy"
-
-
-def dcmtk_env() -> dict[str, str]:
-    return {**os.environ, "TCP_NODELAY": "1"}
 
 
 # -- sending ------------------------------------------------------------------------------------

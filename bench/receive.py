@@ -666,7 +666,7 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
 
 
 def git_state() -> str:
-    """The commit measured, and whether fiona/ had uncommitted changes."""
+    """The commit measured, and whether fiona/ (or its profiles in rules/) had changes."""
     try:
         head = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
@@ -676,7 +676,7 @@ def git_state() -> str:
             check=False,
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--", "fiona"],
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "fiona", "rules"],
             capture_output=True,
             text=True,
             timeout=10,
