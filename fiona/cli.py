@@ -68,15 +68,18 @@ def check(config_path: Path | None) -> None:
     show_default=True,
     help="Seconds to let in-flight associations finish on SIGTERM/SIGINT.",
 )
-@click.option("--worker", is_flag=True, hidden=True, help="Internal: a secondary process.")
-def serve(config_path: Path | None, grace: float, worker: bool) -> None:
+@click.option("--worker", is_flag=True, hidden=True, help="Internal: a receiving process.")
+@click.option("--forwarder", is_flag=True, hidden=True, help="Internal: the forwarding process.")
+def serve(config_path: Path | None, grace: float, worker: bool, forwarder: bool) -> None:
     """Run the node in the foreground until SIGTERM or SIGINT.
 
     With ``node.workers`` > 1 this process also starts and supervises the other
-    receiving processes, which share the port; a stop signal stops them all.
+    receiving processes, which share the port; with destinations configured it starts and
+    supervises the forwarding process (``forwarding.separate_process``). A stop signal stops
+    them all.
     """
     from fiona.scp.server import Node
-    from fiona.scp.workers import WorkerPool
+    from fiona.scp.workers import ChildPool, forwarder_pool
 
     config = _load(config_path)
     configure_logging(config.logging.level)
@@ -87,30 +90,40 @@ def serve(config_path: Path | None, grace: float, worker: bool) -> None:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    node = Node(config, worker=worker)
+    if forwarder:
+        from fiona.forwarder.process import run_forwarder
+
+        sys.exit(run_forwarder(config, stop, grace))
+    separate = bool(config.destinations) and config.forwarding.separate_process and not worker
+    node = Node(config, worker=worker, run_forwarder=not separate)
     try:
         node.start()
     except OSError as exc:
         click.echo(f"cannot start: {exc}", err=True)
         node.stop(0)
         sys.exit(1)
-    pool = None
+    pools: list[ChildPool] = []
     if not worker and config.node.workers > 1:
-        pool = WorkerPool(config.source, config.node.workers - 1, grace)
+        pools.append(ChildPool(config.source, config.node.workers - 1, grace))
+    if separate:
+        forwarding = forwarder_pool(config.source, grace)
+        node.on_stable = forwarding.notify
+        pools.append(forwarding)
+    for pool in pools:
         pool.start()
     parent = os.getppid()
     while not stop.wait(0.5):
-        if pool is not None:
+        for pool in pools:
             pool.supervise()
         if worker and os.getppid() != parent:
             # The primary died (kill -9?): do not linger as an orphan on the shared
             # port; the next primary reconciles the spool this worker writes to.
             click.echo("primary process gone; worker stopping", err=True)
             break
-    if pool is not None:
+    for pool in pools:
         pool.signal_stop()
     node.stop(grace)
-    if pool is not None:
+    for pool in pools:
         pool.wait()
 
 
@@ -281,14 +294,19 @@ def transfers(config_path: Path | None, request_id: int, as_json: bool, retry: b
     from fiona.audit import utcnow
     from fiona.db import Delivery, TransferRequest, make_engine, make_sessionmaker, upgrade
     from fiona.forwarder.ledger import retry_failed
+    from fiona.forwarder.prepared import PreparedFiles
 
     config = _load(config_path)
     engine = make_engine(config.database.url)
     upgrade(engine)
     sessions = make_sessionmaker(engine)
+    kept = PreparedFiles(config.storage.path)
     if retry:
         count = retry_failed(sessions, request_id, utcnow(), getpass.getuser())
+        released = kept.release_quarantine(request_id) if count else 0
         click.echo(f"request {request_id}: {count} failed deliveries are due again")
+        if released:
+            click.echo(f"{released} refused instances released from the outgoing quarantine")
     with sessions() as session:
         request = session.get(TransferRequest, request_id)
         if request is None:
@@ -312,6 +330,7 @@ def transfers(config_path: Path | None, request_id: int, as_json: bool, retry: b
                 "last_error": row.last_error,
                 "next_attempt_at": row.next_attempt_at.isoformat(),
                 "acknowledged_at": row.acknowledged_at.isoformat() if row.acknowledged_at else None,
+                "quarantined": _quarantined(kept, row),
             }
             for row in rows
         ]
@@ -334,10 +353,19 @@ def transfers(config_path: Path | None, request_id: int, as_json: bool, retry: b
     for entry in ledger:
         status = "" if entry["last_status"] is None else f" 0x{entry['last_status']:04X}"
         why = f" {entry['last_error_class']}: {entry['last_error']}" if entry["last_error"] else ""
+        kept_at = f" (kept in {entry['quarantined']})" if entry["quarantined"] else ""
         click.echo(
             f"  {entry['destination']:<16} {entry['sop_instance_uid']}  {entry['state']:<9} "
-            f"attempts {entry['attempts']}{status}{why}"
+            f"attempts {entry['attempts']}{status}{why}{kept_at}"
         )
+
+
+def _quarantined(kept: Any, row: Any) -> str | None:
+    """Where a refused instance's de-identified bytes were kept, if they were."""
+    from fiona.db import DeliveryState
+
+    path = kept.quarantine_path(row.request_id, row.destination, row.new_sop_instance_uid)
+    return str(path) if row.state == DeliveryState.FAILED and path.exists() else None
 
 
 @main.command()

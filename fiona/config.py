@@ -251,6 +251,10 @@ class ForwardingConfig(_Frozen):
     """A request whose study is still arriving is prepared and sent as instances come in; it
     is complete (``sent``) only once the study is stable and every instance is delivered.
     ``false``: wait until the study is stable before sending anything."""
+    separate_process: bool = True
+    """``fiona serve`` runs de-identification and sending in a process of its own, so that
+    they do not compete with receiving for one interpreter lock. ``false``: threads of the
+    receiving process (fewer processes, slower when both are busy)."""
 
 
 class StorageConfig(_Frozen):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from fiona.anonymizer import Context, anonymize_bytes
@@ -44,6 +44,7 @@ from fiona.db import (
 )
 from fiona.errors import ConfigError, DeidentificationError
 from fiona.forwarder.classify import Kind, Outcome
+from fiona.forwarder.prepared import PreparedFiles
 from fiona.requests import fail_request, study_key
 
 __all__ = [
@@ -55,9 +56,13 @@ __all__ = [
     "recover_leases",
     "release_owner",
     "retry_failed",
+    "still_needed",
 ]
 
 DEID_FAILED = "deidentification"
+OUTPUT_CHANGED = "output-changed"
+REPREPARE = (DEID_FAILED, OUTPUT_CHANGED)
+"""Failure classes an operator retry cures by preparing the instance again."""
 _CONTEXT_FIELDS = ("transfer_name", "transfer_event_name", "transfer_site")
 
 
@@ -67,6 +72,7 @@ class WorkItem:
 
     delivery_id: int
     request_id: int
+    instance_id: int
     destination: str
     path: Path
     """The original file in the spool."""
@@ -94,9 +100,16 @@ def _context(settings: ProjectDeidentification, request: TransferRequest) -> Con
 
 
 def deidentify_item(
-    item: WorkItem, settings: ProjectDeidentification
-) -> tuple[bytes | None, Outcome | None]:
-    """Rebuild an item's de-identified bytes (deterministic) and check them against the digest."""
+    item: WorkItem, settings: ProjectDeidentification, prepared: PreparedFiles
+) -> tuple[Path | None, Outcome | None]:
+    """The item's de-identified file: the one prepared, or rebuilt and checked.
+
+    De-identification is deterministic, so a missing prepared file (the forwarder restarted,
+    an operator retried) is rebuilt from the original and must match the ledger's digest.
+    """
+    kept = prepared.path(item.request_id, item.instance_id, item.digest)
+    if kept.exists():
+        return kept, None
     context = settings.context(
         item.pseudonym,
         event=item.event,
@@ -110,11 +123,16 @@ def deidentify_item(
     if hashlib.sha256(data).hexdigest() != item.digest:
         return None, Outcome(
             Kind.PERMANENT,
-            "output-changed",
+            OUTPUT_CHANGED,
             "the de-identified bytes differ from those prepared (the project's profile, UID "
             "scheme or secret changed?): retry the request to prepare it again",
         )
-    return data, None
+    written = prepared.write(item.request_id, item.instance_id, item.digest, data)
+    if written is None:
+        return None, Outcome(
+            Kind.TRANSIENT, "disk", "cannot write the de-identified file (disk full?)"
+        )
+    return written, None
 
 
 def prepare(
@@ -124,19 +142,22 @@ def prepare(
     node_key: bytes,
     now: datetime,
     request_ids: Sequence[int] | None = None,
+    settings_cache: dict[str, ProjectDeidentification] | None = None,
 ) -> int:
-    """Add ledger rows for every ``processing`` request (or the given ones); return the count."""
+    """Add ledger rows for every ``processing`` request (or the given ones); return the count.
+
+    *settings_cache* (project → compiled profile and UID scheme) may be kept by the caller
+    from one call to the next: while a study streams in, this runs every poll.
+    """
     with session_factory() as session:
         query = select(TransferRequest.id).where(TransferRequest.status == RequestStatus.PROCESSING)
         if request_ids is not None:
             query = query.where(TransferRequest.id.in_(request_ids))
         ids = list(session.scalars(query))
     added = 0
-    settings_cache: dict[str, ProjectDeidentification] = {}
+    cache = settings_cache if settings_cache is not None else {}
     for request_id in ids:
-        added += _prepare_one(
-            session_factory, config, storage, node_key, now, request_id, settings_cache
-        )
+        added += _prepare_one(session_factory, config, storage, node_key, now, request_id, cache)
     return added
 
 
@@ -164,13 +185,15 @@ def _prepare_one(
             )
         }
         instances = [
-            (inst.id, inst.path, inst.sop_class_uid, inst.transfer_syntax_uid)
-            for inst in session.scalars(
-                select(Instance)
+            (row.id, row.path, row.sop_class_uid, row.transfer_syntax_uid)
+            for row in session.execute(
+                select(
+                    Instance.id, Instance.path, Instance.sop_class_uid, Instance.transfer_syntax_uid
+                )
                 .where(Instance.study_id == request.study_id, Instance.file_missing.is_(False))
                 .order_by(Instance.series_id, Instance.id)
             )
-            if any((inst.id, name) not in done for name in destinations)
+            if any((row.id, name) not in done for name in destinations)
         ]
         session.expunge(request)
     if not instances:
@@ -188,6 +211,7 @@ def _prepare_one(
                 fail_request(session, stored, now, DEID_FAILED, f"configuration: {exc}")
         return 0
     context = _context(settings, request)
+    kept = PreparedFiles(storage)
     rows: list[Delivery] = []
     failures: list[str] = []
     new_study: str | None = None
@@ -200,6 +224,7 @@ def _prepare_one(
             digest, uids = "", ("", "", "")
         else:
             digest = hashlib.sha256(result.data).hexdigest()
+            kept.write(request_id, instance_id, digest, result.data)
             uids = (
                 result.study_instance_uid or "",
                 result.series_instance_uid or "",
@@ -326,9 +351,9 @@ def _rollup(
                     .limit(20)
                 )
             )
-            if DEID_FAILED in classes:
+            if set(classes) & set(REPREPARE):
                 flags.append("de-identification")
-            if set(classes) - {DEID_FAILED}:
+            if set(classes) - set(REPREPARE):
                 flags.append("sending")
             messages = sorted(set(classes.values()))[:3]
         if not delivered and not failed:
@@ -417,11 +442,17 @@ def claim(
             rows = rows[: max(1, -(-int(due or 0) // share))]
         request = session.get(TransferRequest, first.request_id)
         assert request is not None
+        paths: dict[int, str] = {
+            instance_id: path
+            for instance_id, path in session.execute(
+                select(Instance.id, Instance.path).where(
+                    Instance.id.in_([row.instance_id for row in rows])
+                )
+            )
+        }
         items = []
         lease = now + timedelta(seconds=lease_seconds)
         for row in rows:
-            instance = session.get(Instance, row.instance_id)
-            assert instance is not None
             row.state = DeliveryState.IN_FLIGHT
             row.lease_until = lease
             row.lease_owner = owner
@@ -431,8 +462,9 @@ def claim(
                 WorkItem(
                     delivery_id=row.id,
                     request_id=row.request_id,
+                    instance_id=row.instance_id,
                     destination=destination,
-                    path=storage / instance.path,
+                    path=storage / paths[row.instance_id],
                     digest=row.digest,
                     project=request.transfer_project_name,
                     pseudonym=request.transfer_name,
@@ -471,8 +503,14 @@ def record(
     requests: set[int] = set()
     with session_factory() as session, session.begin():
         delivered: Counter[str] = Counter()
+        rows = {
+            row.id: row
+            for row in session.scalars(
+                select(Delivery).where(Delivery.id.in_([item.delivery_id for item, _ in results]))
+            )
+        }
         for item, outcome in results:
-            row = session.get(Delivery, item.delivery_id)
+            row = rows.get(item.delivery_id)
             if row is None or row.state != DeliveryState.IN_FLIGHT:
                 continue  # released meanwhile (lease expired and re-claimed): theirs now
             row.last_status = outcome.status
@@ -567,21 +605,38 @@ def release_owner(session_factory: sessionmaker[Session], owner_prefix: str, now
 def retry_failed(
     session_factory: sessionmaker[Session], request_id: int, now: datetime, actor: str
 ) -> int:
-    """Operator action: make a request's failed rows due again (after fixing the cause)."""
+    """Operator action, after fixing the cause: a request's failed rows are tried again.
+
+    Rows that failed in sending are due again as they are. Rows that failed in preparation
+    (the original could not be de-identified, or its de-identified bytes no longer match the
+    prepared digest because the profile, UID scheme or secret changed) are removed, so that the
+    next pipeline step prepares those instances again under the current configuration; their
+    failure stays in the audit trail.
+    """
     with session_factory() as session, session.begin():
         result = session.execute(
             update(Delivery)
             .where(
                 Delivery.request_id == request_id,
                 Delivery.state == DeliveryState.FAILED,
-                Delivery.last_error_class != DEID_FAILED,
+                Delivery.last_error_class.not_in(REPREPARE),
             )
             .values(state=DeliveryState.PENDING, next_attempt_at=now, updated_at=now)
         )
-        count = int(getattr(result, "rowcount", 0) or 0)
+        resend = int(getattr(result, "rowcount", 0) or 0)
+        result = session.execute(
+            delete(Delivery).where(
+                Delivery.request_id == request_id,
+                Delivery.state == DeliveryState.FAILED,
+                Delivery.last_error_class.in_(REPREPARE),
+            )
+        )
+        reprepare = int(getattr(result, "rowcount", 0) or 0)
         request = session.get(TransferRequest, request_id)
-        if count and request is not None:
+        if (resend or reprepare) and request is not None:
             request.status = RequestStatus.PROCESSING
+            request.transfer_error = None
+            request.transfer_error_message = None
             request.updated_at = now
             session.add(
                 audit_event(
@@ -590,10 +645,32 @@ def retry_failed(
                     occurred_at=now,
                     project=request.transfer_project_name,
                     request_id=request_id,
-                    instances=count,
+                    instances=resend + reprepare,
+                    resent=resend,
+                    prepared_again=reprepare,
                 )
             )
-        return count
+        return resend + reprepare
+
+
+def still_needed(
+    session_factory: sessionmaker[Session], request_id: int, instance_ids: Sequence[int]
+) -> set[int]:
+    """Those of *instance_ids* some destination still has to get (pending or in flight)."""
+    if not instance_ids:
+        return set()
+    with session_factory() as session:
+        return set(
+            session.scalars(
+                select(Delivery.instance_id)
+                .where(
+                    Delivery.request_id == request_id,
+                    Delivery.instance_id.in_(instance_ids),
+                    Delivery.state.in_([DeliveryState.PENDING, DeliveryState.IN_FLIGHT]),
+                )
+                .distinct()
+            )
+        )
 
 
 def breaker_state(session: Session, name: str, now: datetime) -> DestinationState:

@@ -45,8 +45,8 @@ destination accepts none of the storage contexts, so each instance gets its own,
 "no presentation context" outcome instead of a retried abort."""
 _UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
 
-Prepared = tuple[WorkItem, bytes]
-"""A claimed item with its de-identified bytes."""
+Prepared = tuple[WorkItem, Path]
+"""A claimed item with its de-identified file (see :mod:`fiona.forwarder.prepared`)."""
 
 
 class Sender(Protocol):
@@ -101,13 +101,10 @@ def associate(ae: AE, destination: DicomDestination, contexts: list[Any] | None 
 class DicomSender:
     """C-STORE SCU for one DICOM destination."""
 
-    def __init__(
-        self, name: str, destination: DicomDestination, calling_ae_title: str, tmp_dir: Path
-    ) -> None:
+    def __init__(self, name: str, destination: DicomDestination, calling_ae_title: str) -> None:
         self.name = name
         self.destination = destination
         self.calling_ae_title = destination.calling_ae_title or calling_ae_title
-        self.tmp_dir = tmp_dir
 
     def _ae(self) -> AE:
         ae = AE(ae_title=self.calling_ae_title)
@@ -177,12 +174,12 @@ class DicomSender:
             unsupported = {
                 str(cx.abstract_syntax) for cx in assoc.rejected_contexts if cx.result == 0x03
             }
-            for index, (item, data) in enumerate(group):
+            for index, (item, path) in enumerate(group):
                 if not assoc.is_established:
                     lost = transport_failure("aborted", "association ended during the batch")
                     results.extend((rest, lost) for rest, _d in group[index:])
                     break
-                results.append((item, self._store(assoc, accepted, unsupported, item, data)))
+                results.append((item, self._store(assoc, accepted, unsupported, item, path)))
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -194,19 +191,17 @@ class DicomSender:
         accepted: set[tuple[str, str]],
         unsupported: set[str],
         item: WorkItem,
-        data: bytes,
+        path: Path,
     ) -> Outcome:
         sop, syntax = item.sop_class_uid, item.transfer_syntax_uid
         if (sop, syntax) in accepted:
-            payload: object = self._spill(data)
+            payload: object = path  # streamed from the file as it is (chunked send)
         elif syntax in _UNCOMPRESSED and any(s == sop and t in _UNCOMPRESSED for s, t in accepted):
             # pynetdicom re-encodes an uncompressed dataset for another uncompressed syntax.
-            import io
-
-            payload = dcmread(io.BytesIO(data))
+            payload = dcmread(path)
         elif (sop, ExplicitVRLittleEndian) in accepted:
             try:
-                payload = _decompressed(data)
+                payload = _decompressed(path)
             except Exception as exc:  # noqa: BLE001 - pydicom raises several types for "no decoder"
                 return transport_failure(
                     "no-decoder",
@@ -231,25 +226,13 @@ class DicomSender:
             return transport_failure(
                 "send-error", f"C-STORE could not be sent: {type(exc).__name__}"
             )
-        finally:
-            if isinstance(payload, Path):
-                payload.unlink(missing_ok=True)
         code = getattr(status, "Status", None)
         return classify_status(code if isinstance(code, int) else None)
 
-    def _spill(self, data: bytes) -> Path:
-        """Write the bytes where pynetdicom streams them from (no fsync: a scratch copy)."""
-        fd, name = tempfile.mkstemp(prefix="fwd-", suffix=".dcm", dir=self.tmp_dir)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        return Path(name)
 
-
-def _decompressed(data: bytes) -> object:
+def _decompressed(path: Path) -> object:
     """The dataset with its pixel data decoded to Explicit VR Little Endian."""
-    import io
-
-    dataset = dcmread(io.BytesIO(data))
+    dataset = dcmread(path)
     dataset.decompress()
     return dataset
 
@@ -316,9 +299,9 @@ class DicomWebSender:
 
         boundary = uuid.uuid4().hex
         parts = []
-        for _item, data in batch:
+        for _item, path in batch:
             parts.append(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode())
-            parts.append(data)
+            parts.append(path.read_bytes())
             parts.append(b"\r\n")
         parts.append(f"--{boundary}--\r\n".encode())
         url = f"{self.destination.url}/studies"
@@ -392,7 +375,7 @@ class FolderSender:
 
     def send(self, batch: Sequence[Prepared]) -> list[tuple[WorkItem, Outcome]]:
         results = []
-        for item, data in batch:
+        for item, path in batch:
             target = (
                 self.root
                 / item.project
@@ -401,7 +384,7 @@ class FolderSender:
                 / f"{item.new_sop_instance_uid}.dcm"
             )
             try:
-                _write_durably(target, data)
+                _write_durably(target, path.read_bytes())
             except OSError as exc:
                 results.append(
                     (

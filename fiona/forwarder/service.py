@@ -40,7 +40,9 @@ from fiona.forwarder.ledger import (
     record,
     recover_leases,
     release_owner,
+    still_needed,
 )
+from fiona.forwarder.prepared import PreparedFiles
 from fiona.forwarder.senders import DicomSender, DicomWebSender, FolderSender, Prepared, Sender
 from fiona.forwarder.verify import verify_deliveries
 from fiona.requests import activate_requests
@@ -85,11 +87,12 @@ class Forwarder:
         self._settings: dict[str, ProjectDeidentification] = {}
         self._settings_lock = threading.Lock()
         self.lease_seconds = 300.0
+        self.prepared = PreparedFiles(storage)
 
     def _sender(self, name: str) -> Sender:
         destination = self.config.destinations[name]
         if isinstance(destination, DicomDestination):
-            return DicomSender(name, destination, self.config.node.ae_title, self.storage / "tmp")
+            return DicomSender(name, destination, self.config.node.ae_title)
         if isinstance(destination, DicomWebDestination):
             return DicomWebSender(name, destination)
         return FolderSender(name, destination)
@@ -97,6 +100,7 @@ class Forwarder:
     # -- life cycle ------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.prepared.reset()  # only files written by this run are trusted whole
         released = release_owner(self.session_factory, self.owner_prefix, self.clock())
         if released:
             log.warning("deliveries in flight at the last stop are due again", count=released)
@@ -139,7 +143,10 @@ class Forwarder:
             self._last_lease_check = time.monotonic()
             recover_leases(self.session_factory, now)
         ready = activate_requests(self.session_factory, self.config, self.node_key, now)
-        added = prepare(self.session_factory, self.config, self.storage, self.node_key, now)
+        added = prepare(
+            self.session_factory, self.config, self.storage, self.node_key, now,
+            settings_cache=self._settings,
+        )  # fmt: skip
         if ready or added:
             log.info("requests prepared", requests=len(ready), deliveries=added)
             self._wake_senders()
@@ -179,19 +186,20 @@ class Forwarder:
         results: list[tuple[WorkItem, Outcome]] = []
         for item in items:
             try:
-                data, failure = deidentify_item(item, self._project(item.project))
+                path, failure = deidentify_item(item, self._project(item.project), self.prepared)
             except ConfigError as exc:
-                data, failure = None, Outcome(Kind.PERMANENT, "configuration", str(exc))
-            if data is None:
+                path, failure = None, Outcome(Kind.PERMANENT, "configuration", str(exc))
+            if path is None:
                 assert failure is not None
                 results.append((item, failure))
             else:
-                prepared.append((item, data))
+                prepared.append((item, path))
         if prepared:
             results.extend(self.senders[destination].send(prepared))
         now = self.clock()
         record(self.session_factory, results, now, self.config.forwarding, self.node_key)
         self._account(destination, [outcome for _item, outcome in results], now)
+        self._tidy(destination, results, now)
         delivered = sum(1 for _item, outcome in results if outcome.kind.delivered)
         log.info(
             "batch sent",
@@ -201,6 +209,27 @@ class Forwarder:
             outcomes=sorted({outcome.label for _item, outcome in results}),
         )
         return len(results)
+
+    def _tidy(
+        self, destination: str, results: list[tuple[WorkItem, Outcome]], now: datetime
+    ) -> None:
+        """Keep what a destination refused for good; drop prepared files nobody needs."""
+        for item, outcome in results:
+            if outcome.kind == Kind.PERMANENT:
+                kept = self.prepared.path(item.request_id, item.instance_id, item.digest)
+                if kept.exists():
+                    self.prepared.quarantine(
+                        kept, item.request_id, destination, item.new_sop_instance_uid,
+                        {"delivery": item.delivery_id, "error_class": outcome.label,
+                         "status": outcome.status, "reason": outcome.reason},
+                        now,
+                    )  # fmt: skip
+        by_request: dict[int, list[int]] = {}
+        for item, _outcome in results:
+            by_request.setdefault(item.request_id, []).append(item.instance_id)
+        for request_id, instance_ids in by_request.items():
+            needed = still_needed(self.session_factory, request_id, instance_ids)
+            self.prepared.discard(request_id, [i for i in instance_ids if i not in needed])
 
     def _sender_loop(self, destination: str) -> None:
         while not self._stop.is_set():

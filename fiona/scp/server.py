@@ -13,6 +13,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +122,11 @@ class Node:
     clock: Clock = utcnow
     worker: bool = False
     """A secondary receiving process: no reconciliation, no sweeper (the primary's)."""
+    run_forwarder: bool = True
+    """Run the forwarding service in this process (when destinations are configured);
+    ``fiona serve`` runs it in a process of its own instead (``forwarding.separate_process``)."""
+    on_stable: Callable[[], None] | None = None
+    """Called when studies became stable (``fiona serve``: wakes the forwarding process)."""
     services: NodeServices | None = None
     _server: Any = None
     _scheduler: BackgroundScheduler | None = None
@@ -215,7 +221,7 @@ class Node:
             id="stability-sweep",
         )
         self._scheduler.start()
-        if config.destinations:
+        if config.destinations and self.run_forwarder:
             from fiona.forwarder.service import Forwarder
 
             self._forwarder = Forwarder(
@@ -240,8 +246,11 @@ class Node:
                 self.clock(),
                 self.config.stable_after_seconds,
             )
-            if result.studies_stable and self._forwarder is not None:
-                self._forwarder.kick()  # requests waiting for these studies go now
+            if result.studies_stable:  # requests waiting for these studies go now
+                if self._forwarder is not None:
+                    self._forwarder.kick()
+                if self.on_stable is not None:
+                    self.on_stable()
         except Exception:
             log.exception("stability sweep failed")
 

@@ -1,10 +1,18 @@
-"""Secondary receiving processes (``node.workers``), supervised by the primary.
+"""Child processes of ``fiona serve``, supervised by the primary.
 
-Each worker is ``fiona serve --worker`` on the same configuration: it listens on the same
-port (SO_REUSEPORT) and writes to the same spool and database, but leaves spool
-reconciliation and the stability sweep to the primary. A worker that dies is restarted; a
-worker whose primary died (kill -9) stops by itself rather than linger on the port;
-a stop signal to the primary stops every worker the same graceful way.
+* **Receiving workers** (``node.workers`` > 1): ``fiona serve --worker`` on the same
+  configuration. Each listens on the same port (SO_REUSEPORT) and writes to the same spool and
+  database, but leaves spool reconciliation and the stability sweep to the primary. A worker
+  whose primary died (kill -9) stops by itself, gracefully, rather than linger on the port.
+* **The forwarder** (``forwarding.separate_process``, the default when destinations are
+  configured): ``fiona serve --forwarder``. De-identifying and sending then run on their own
+  interpreter (their own GIL) instead of competing with the C-STORE handlers. The kernel
+  kills it if the primary dies (``PR_SET_PDEATHSIG``), so that a crash of the node is a crash
+  of the whole node: the next start resumes from the ledger, with no sender of the old
+  generation still talking to a destination.
+
+A child that exits is restarted (with a short backoff); a stop signal to the primary stops
+every child the same graceful way.
 """
 
 from __future__ import annotations
@@ -17,20 +25,22 @@ from pathlib import Path
 
 from fiona.logs import get_logger
 
-__all__ = ["WorkerPool"]
+__all__ = ["ChildPool", "forwarder_pool"]
 
 log = get_logger(__name__)
 
 _RESTART_BACKOFF_SECONDS = 2.0
 
 
-class WorkerPool:
-    """Start, supervise and stop `count` worker processes."""
+class ChildPool:
+    """Start, supervise and stop `count` processes of ``fiona serve <flag>``."""
 
-    def __init__(self, config_path: Path, count: int, grace: float) -> None:
+    def __init__(self, config_path: Path, count: int, grace: float, flag: str = "--worker") -> None:
         self.config_path = config_path
         self.count = count
         self.grace = grace
+        self.flag = flag
+        self.role = flag.lstrip("-")
         self.processes: list[subprocess.Popen[bytes]] = []
         self._restart_not_before = 0.0
 
@@ -40,7 +50,7 @@ class WorkerPool:
             "-m",
             "fiona",
             "serve",
-            "--worker",
+            self.flag,
             "--config",
             str(self.config_path),
             "--grace",
@@ -50,18 +60,24 @@ class WorkerPool:
 
     def start(self) -> None:
         self.processes = [self._spawn() for _ in range(self.count)]
-        log.info("workers started", pids=[p.pid for p in self.processes])
+        log.info(f"{self.role}s started", pids=[p.pid for p in self.processes])
 
     def supervise(self) -> None:
-        """Restart workers that exited (with a short backoff)."""
+        """Restart children that exited (with a short backoff)."""
         now = time.monotonic()
         for index, process in enumerate(self.processes):
             code = process.poll()
             if code is None or now < self._restart_not_before:
                 continue
-            log.error("worker exited; restarting", pid=process.pid, exit_status=code)
+            log.error(f"{self.role} exited; restarting", pid=process.pid, exit_status=code)
             self.processes[index] = self._spawn()
             self._restart_not_before = now + _RESTART_BACKOFF_SECONDS
+
+    def notify(self) -> None:
+        """Wake the children (SIGUSR1): for the forwarder, "a study became stable"."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGUSR1)
 
     def signal_stop(self) -> None:
         for process in self.processes:
@@ -69,12 +85,17 @@ class WorkerPool:
                 process.send_signal(signal.SIGTERM)
 
     def wait(self) -> None:
-        """Wait for every worker to finish; kill what outlives the grace period."""
+        """Wait for every child to finish; kill what outlives the grace period."""
         deadline = time.monotonic() + self.grace + 15
         for process in self.processes:
             try:
                 process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.error("worker did not stop; killing it", pid=process.pid)
+                log.error(f"{self.role} did not stop; killing it", pid=process.pid)
                 process.kill()
                 process.wait()
+
+
+def forwarder_pool(config_path: Path, grace: float) -> ChildPool:
+    """The one forwarder process."""
+    return ChildPool(config_path, 1, grace, flag="--forwarder")

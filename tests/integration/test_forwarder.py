@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 import pytest
 import requests
+import yaml
 from fionatest import FionaServer, sample_file, store_failures, storescu, write_study
 from peers import HANG, Orthanc, ScriptedSCP, StoreSCP
 from pydicom import config as pydicom_config
@@ -230,7 +233,12 @@ def test_destination_down_at_first_gets_everything_once_it_is_up(
         assert request.status == RequestStatus.SENT
         assert pacs.wait_for_instances(4) == 4
     assert node.audit(AuditEventType.BREAKER_CLOSED)
-    assert all(row.attempts >= 2 for row in node.ledger(request_id))
+    # What was tried while the PACS was down went again (an instance that streamed in after
+    # the breaker opened waited without being tried).
+    tried_while_down = {row.id for row in ledger if row.attempts}
+    assert tried_while_down
+    after = {row.id: row.attempts for row in node.ledger(request_id)}
+    assert all(after[row_id] >= 2 for row_id in tried_while_down)
 
 
 def test_rejected_sop_class_fails_permanently_with_the_reason(
@@ -282,11 +290,62 @@ def test_permanent_status_then_operator_retry_after_the_fix(
                                     RequestStatus.FAILED)  # fmt: skip
         assert request.status == RequestStatus.PARTIAL
         assert "cannot understand (0xC000)" in (request.transfer_error_message or "")
+        # The refused bytes (de-identified) wait in the outgoing quarantine with the reason.
+        shown = json.loads(node.server.cli("transfers", "--request", str(request_id),
+                                           "--json").stdout)  # fmt: skip
+        failed = [row for row in shown["deliveries"] if row["state"] == "FAILED"]
+        assert len(failed) == 1 and failed[0]["quarantined"]
+        kept = Path(failed[0]["quarantined"])
+        assert dcmread(kept).SOPInstanceUID == failed[0]["sop_instance_uid"]
+        assert dcmread(kept).PatientID == "BICAM001"
+        sidecar = json.loads(kept.with_suffix(".json").read_text())
+        assert sidecar["status"] == 0xC000 and sidecar["destination"] == "pacs"
+        assert "cannot understand" in sidecar["reason"]
         retried = node.server.cli("transfers", "--request", str(request_id), "--retry")
         assert "1 failed deliveries are due again" in retried.stdout
+        assert "1 refused instances released" in retried.stdout
+        assert not kept.exists()
         request = node.wait_request(request_id, RequestStatus.SENT)
         assert len(set(scp.stored_uids())) == 2
         assert node.audit(AuditEventType.DELIVERY_RETRIED)[0].details["instances"] == 1
+        # Prepared files go once nothing needs them any more.
+        prepared = node.server.storage / "prepared"
+        deadline = time.monotonic() + 10
+        while any(prepared.rglob("*.dcm")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(prepared.rglob("*.dcm"))
+
+
+def test_profile_changed_before_sending_fails_then_retry_prepares_again(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    with ScriptedSCP(default_status=0xA700) as scp:  # out of resources: nothing gets in
+        node = node_factory({"pacs": dicom_destination(scp)})
+        files = write_study(tmp_path / "study", 1, 2)
+        node.send(files)
+        request_id = node.request(dcmread(files[0]).StudyInstanceUID)
+        scp.wait_for_calls(1)
+        old_digests = {row.digest for row in node.ledger(request_id)}
+        node.server.stop()
+        # The project's date offset is corrected while the deliveries wait.
+        raw = yaml.safe_load(node.server.config_path.read_text())
+        raw["projects"]["BICAM"]["date_offset_days"] = 7
+        node.server.config_path.write_text(yaml.safe_dump(raw))
+        scp.script(statuses=[], default_status=0x0000)
+        node.server.start()
+        request = node.wait_request(request_id, RequestStatus.FAILED)
+        assert request.transfer_error == "de-identification"
+        assert "differ from those prepared" in (request.transfer_error_message or "")
+        assert scp.stored_uids() == []  # never the bytes the ledger did not record
+        retried = node.server.cli("transfers", "--request", str(request_id), "--retry")
+        assert "2 failed deliveries are due again" in retried.stdout
+        request = node.wait_request(request_id, RequestStatus.SENT)
+        ledger = node.ledger(request_id)
+        assert len(ledger) == 2 and all(row.state == DeliveryState.DELIVERED for row in ledger)
+        assert not {row.digest for row in ledger} & old_digests  # prepared again
+        assert len(set(scp.stored_uids())) == 2
+        retry_audit = node.audit(AuditEventType.DELIVERY_RETRIED)[0].details
+        assert retry_audit["prepared_again"] == 2
 
 
 def test_kill9_while_forwarding_resends_what_was_in_flight(
@@ -469,3 +528,57 @@ def test_a_request_waiting_for_its_study_streams_it_while_it_arrives(
             assert request is not None and request.status == RequestStatus.PROCESSING
         assert len(node.ledger(request_id)) == 4
         assert all(row.state == DeliveryState.DELIVERED for row in node.ledger(request_id))
+
+
+def forwarder_pids(server: FionaServer) -> list[int]:
+    """Live ``fiona serve --forwarder`` children of the server's primary process."""
+    assert server.proc is not None
+    pid = server.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [
+        int(child)
+        for child in children
+        if b"--forwarder" in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+    ]
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting: {what}"
+        time.sleep(0.05)
+
+
+def test_forwarder_process_is_restarted_and_dies_with_the_primary(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    with ScriptedSCP() as scp:
+        node = node_factory({"pacs": dicom_destination(scp)})
+        wait_for(lambda: len(forwarder_pids(node.server)) == 1, "the forwarder process")
+        first = forwarder_pids(node.server)[0]
+        os.kill(first, signal.SIGKILL)
+        # The primary notices and starts a new one; the study still goes out.
+        wait_for(lambda: forwarder_pids(node.server) not in ([], [first]), "a new forwarder")
+        files = write_study(tmp_path / "study", 1, 2)
+        node.send(files)
+        request_id = node.request(dcmread(files[0]).StudyInstanceUID)
+        assert node.wait_request(request_id, RequestStatus.SENT).status == RequestStatus.SENT
+        assert "forwarder exited; restarting" in node.server.log()
+        second = forwarder_pids(node.server)[0]
+        node.server.kill9()
+        # No sender of the old generation may outlive a crashed node.
+        wait_for(lambda: not Path(f"/proc/{second}").exists(), "the orphaned forwarder to die")
+
+
+def test_forwarding_inside_the_receiving_process_when_configured(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    with ScriptedSCP() as scp:
+        node = node_factory({"pacs": dicom_destination(scp)},
+                            forwarding={"separate_process": False})  # fmt: skip
+        files = write_study(tmp_path / "study", 1, 3)
+        node.send(files)
+        request_id = node.request(dcmread(files[0]).StudyInstanceUID)
+        assert node.wait_request(request_id, RequestStatus.SENT).status == RequestStatus.SENT
+        assert forwarder_pids(node.server) == []
+        assert len(set(scp.stored_uids())) == 3

@@ -61,7 +61,8 @@ def test_batches_are_split_to_stay_within_128_presentation_contexts() -> None:
 
     def item(number: int, syntax: str) -> WorkItem:
         return WorkItem(
-            delivery_id=number, request_id=1, destination="pacs", path=Path("x"), digest="",
+            delivery_id=number, request_id=1, instance_id=number, destination="pacs",
+            path=Path("x"), digest="",
             project="P", pseudonym="P1", event="", site="", date_offset_days=None,
             sop_class_uid=f"1.2.3.{number}", transfer_syntax_uid=syntax,
             new_study_instance_uid="1", new_series_instance_uid="2",
@@ -69,10 +70,10 @@ def test_batches_are_split_to_stay_within_128_presentation_contexts() -> None:
         )  # fmt: skip
 
     jpeg = "1.2.840.10008.1.2.4.50"
-    batch = [(item(n, jpeg), b"") for n in range(100)]  # 100 SOP classes, 2 syntaxes each
+    batch = [(item(n, jpeg), Path("x")) for n in range(100)]  # 100 SOP classes, 2 syntaxes each
     groups = split_for_contexts(batch)
     assert [len(group) for group in groups] == [63, 37]
     assert all(len(_contexts(group)) <= MAX_CONTEXTS for group in groups)
     assert [pair for group in groups for pair in group] == batch  # nothing lost or reordered
     explicit = "1.2.840.10008.1.2.1"
-    assert len(split_for_contexts([(item(n, explicit), b"") for n in range(127)])) == 1
+    assert len(split_for_contexts([(item(n, explicit), Path("x")) for n in range(127)])) == 1
