@@ -584,7 +584,7 @@ def run_fiona(
         ok=not problems,
         problems=problems,
     )
-    if args.keep:
+    if args.keep or problems:  # a failed round keeps its logs and database to look at
         print(f"  kept {workdir}", file=sys.stderr)
     else:
         shutil.rmtree(workdir, ignore_errors=True)
