@@ -584,7 +584,8 @@ def run_fiona(
         ok=not problems,
         problems=problems,
     )
-    if args.keep or problems:  # a failed round keeps its logs and database to look at
+    slow = done - ack > args.stable_after + 10  # the latency target, missed
+    if args.keep or problems or slow:  # such a round keeps its logs and database to look at
         print(f"  kept {workdir}", file=sys.stderr)
     else:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -55,6 +55,8 @@ log = structlog.get_logger("fiona.forwarder")
 _UNREACHABLE = {"unreachable", "rejected-transient", "aborted", "no-response"}
 LEASE_CHECK_SECONDS = 15.0
 """How often expired leases are looked for (a lease lasts minutes; no need to scan each poll)."""
+BUSY_POLL_SECONDS = 0.2
+"""The pipeline's poll while its last step found work (instead of ``poll_seconds``)."""
 
 
 class Forwarder:
@@ -136,8 +138,11 @@ class Forwarder:
 
     # -- the pipeline ------------------------------------------------------------------------
 
-    def run_pipeline_once(self) -> None:
-        """Activate requests, prepare ``processing`` ones, recover expired leases."""
+    def run_pipeline_once(self) -> bool:
+        """Activate requests, prepare ``processing`` ones, recover expired leases.
+
+        Returns whether anything was activated or prepared (a study may still be streaming in).
+        """
         now = self.clock()
         if time.monotonic() - self._last_lease_check > LEASE_CHECK_SECONDS:
             self._last_lease_check = time.monotonic()
@@ -151,14 +156,20 @@ class Forwarder:
             log.info("requests prepared", requests=len(ready), deliveries=added)
             self._wake_senders()
         verify_deliveries(self.session_factory, self.config, self.clock())
+        return bool(ready or added)
 
     def _pipeline_loop(self) -> None:
+        busy = False
         while not self._stop.is_set():
             try:
-                self.run_pipeline_once()
+                busy = self.run_pipeline_once()
             except Exception:
                 log.exception("forwarding pipeline step failed")
-            self._pipeline_wake.wait(self.config.forwarding.poll_seconds)
+                busy = False
+            # While instances keep coming (a study streaming in), look again soon: the last
+            # ones are then prepared a fraction of a second after they arrive, not a poll later.
+            poll = self.config.forwarding.poll_seconds
+            self._pipeline_wake.wait(min(poll, BUSY_POLL_SECONDS) if busy else poll)
             self._pipeline_wake.clear()
 
     # -- senders -----------------------------------------------------------------------------
