@@ -293,8 +293,8 @@ def transfers(config_path: Path | None, request_id: int, as_json: bool, retry: b
 
     from fiona.audit import utcnow
     from fiona.db import Delivery, TransferRequest, make_engine, make_sessionmaker, upgrade
-    from fiona.forwarder.ledger import retry_failed
     from fiona.forwarder.prepared import PreparedFiles
+    from fiona.requests import RequestError, retry_request
 
     config = _load(config_path)
     engine = make_engine(config.database.url)
@@ -302,9 +302,12 @@ def transfers(config_path: Path | None, request_id: int, as_json: bool, retry: b
     sessions = make_sessionmaker(engine)
     kept = PreparedFiles(config.storage.path)
     if retry:
-        count = retry_failed(sessions, request_id, utcnow(), getpass.getuser())
-        released = kept.release_quarantine(request_id) if count else 0
-        click.echo(f"request {request_id}: {count} failed deliveries are due again")
+        try:
+            click.echo(retry_request(sessions, request_id, utcnow(), getpass.getuser()))
+        except RequestError as exc:
+            click.echo(str(exc), err=True)
+            sys.exit(1)
+        released = kept.release_quarantine(request_id)
         if released:
             click.echo(f"{released} refused instances released from the outgoing quarantine")
     with sessions() as session:
@@ -463,3 +466,12 @@ def import_(config_path: Path | None, folder: Path, called_ae: str | None, calli
         f"skipped {len(report.skipped)} non-DICOM"
     )
     sys.exit(1 if report.failed else 0)
+
+
+def _register() -> None:
+    from fiona.request_cli import request
+
+    main.add_command(request)
+
+
+_register()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -297,6 +298,25 @@ class LoggingConfig(_Frozen):
         return value
 
 
+class ApprovalConfig(_Frozen):
+    """The ethics/data-protection approval that allows a project to receive data."""
+
+    reference: str = ""
+    """E.g. ``REK 2020/123``: shown in holds and audit rows."""
+    start: date | None = None
+    end: date | None = None
+    """Inclusive: data is forwarded on ``end`` and held from the day after."""
+
+    @model_validator(mode="after")
+    def _order(self) -> ApprovalConfig:
+        if self.start is not None and self.end is not None and self.end < self.start:
+            raise ValueError("end is before start")
+        return self
+
+    def covers(self, day: date) -> bool:
+        return (self.start is None or self.start <= day) and (self.end is None or day <= self.end)
+
+
 class ProjectConfig(_Frozen):
     """A research project: its AE titles and how its data is de-identified.
 
@@ -316,6 +336,31 @@ class ProjectConfig(_Frozen):
     uid_scheme: Literal["mmiv", "mmiv-hex", "hmac"] = "hmac"
     secret_file: Path | None = None
     date_offset_days: Annotated[int, Field(ge=-36500, le=36500)] = 42
+    pseudonym_pattern: str | None = None
+    """A regular expression every pseudonym must match in full (e.g. ``^BICAM\\d{3}$``);
+    requests with another pseudonym are held."""
+    approval: ApprovalConfig | None = None
+    """Requests outside the approval window are held."""
+
+    @field_validator("pseudonym_pattern")
+    @classmethod
+    def _pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+    def pseudonym_problem(self, pseudonym: str) -> str | None:
+        """Why *pseudonym* is not acceptable for this project (None: it is)."""
+        if not pseudonym.strip():
+            return "the pseudonym is empty"
+        if self.pseudonym_pattern is not None and not re.fullmatch(
+            self.pseudonym_pattern, pseudonym
+        ):
+            return f"the pseudonym does not match the project's pattern {self.pseudonym_pattern}"
+        return None
 
     @model_validator(mode="after")
     def _deidentification(self) -> ProjectConfig:
@@ -335,6 +380,19 @@ class ProjectConfig(_Frozen):
         return tuple(_check_ae_title(v) for v in value)
 
 
+class RequestsConfig(_Frozen):
+    """Where transfer requests come from.
+
+    ``table`` (the default): FIONA's own ``transfer_requests`` table, filled by ``fiona request
+    add``/``import`` (and later the web interface); the forwarder looks at it every
+    ``forwarding.poll_seconds``. (A REDCap source is planned: issue 5.)
+    """
+
+    source: Literal["table"] = "table"
+    poll_seconds: Annotated[float, Field(gt=0, le=86400)] = 10.0
+    """How often an external source is read (unused by ``table``, which is local)."""
+
+
 class FionaConfig(_Frozen):
     """The whole configuration, frozen. Pass it explicitly; there is no global."""
 
@@ -347,6 +405,7 @@ class FionaConfig(_Frozen):
     projects: dict[str, ProjectConfig] = {}
     destinations: dict[str, DestinationConfig] = {}
     forwarding: ForwardingConfig = ForwardingConfig()
+    requests: RequestsConfig = RequestsConfig()
 
     @field_validator("destinations")
     @classmethod

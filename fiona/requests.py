@@ -1,24 +1,32 @@
-"""Transfer requests: study → project, pseudonym, event (the minimal core the forwarder needs).
+"""Transfer requests: study → project, pseudonym, event.
 
 A request names a study by its original StudyInstanceUID. :func:`activate_requests` moves
-``new`` and ``waiting-for-data`` requests on: a project that does not exist or is inactive fails
-the request with that reason; a study not received yet waits; once its first instance is in
+``new`` and ``waiting-for-data`` requests on. A request FIONA may not act on is **held** with
+the reason (status ``held``, flag ``held``, an audit row): its project is not configured, not
+active, has no destinations, is outside its approval window, or the pseudonym does not match
+the project's pattern. An operator fixes the cause and retries it (:func:`retry_request`).
+A study not received yet waits; once its first instance is in
 (with ``forwarding.stream_while_receiving``, the default; otherwise once it is stable) the
 request goes to ``processing``, where the forwarder prepares and delivers instances as they
 arrive, and completes it when the study is stable. A request that was ``sent`` or
 ``partial`` goes back to ``processing`` when its study receives late instances — only the new
 instances are then sent.
 
-Issue 5 adds the poller of the REDCap-like table and of REDCap, naming a study by
-AccessionNumber or PatientID + StudyDate, pseudonym patterns, approval windows and the
-operator commands; issue 6 adds the router that creates requests automatically.
+Operator actions (``fiona request …``): :func:`retry_request`, :func:`cancel_request`,
+:func:`resend_request` and :func:`import_requests` (CSV); each is an audit event naming who.
+Still to come (issue 5): naming a study by AccessionNumber or PatientID + StudyDate, and a
+REDCap source; issue 6 adds the router that creates requests automatically.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import csv
+import io
+import re
+from datetime import date, datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from fiona.audit import audit_event
@@ -26,10 +34,26 @@ from fiona.config import FionaConfig
 from fiona.db import AuditEventType, RequestStatus, Study, StudyState, TransferRequest
 from fiona.keys import keyed_hash
 
-__all__ = ["activate_requests", "create_request", "fail_request", "study_key"]
+__all__ = [
+    "CSV_FIELDS",
+    "RequestError",
+    "activate_requests",
+    "cancel_request",
+    "create_request",
+    "entry_problems",
+    "fail_request",
+    "hold_reason",
+    "hold_request",
+    "import_requests",
+    "parse_requests_csv",
+    "resend_request",
+    "retry_request",
+    "study_key",
+]
 
 _OPEN = (RequestStatus.NEW, RequestStatus.WAITING_FOR_DATA)
 _DONE = (RequestStatus.SENT, RequestStatus.PARTIAL)
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 def create_request(
@@ -106,53 +130,85 @@ def fail_request(
     )
 
 
+def hold_request(session: Session, request: TransferRequest, now: datetime, reason: str) -> None:
+    """Mark *request* ``held`` with the reason (it waits for an operator), and audit it."""
+    request.status = RequestStatus.HELD
+    request.transfer_error = "held"
+    request.transfer_error_message = reason
+    request.updated_at = now
+    session.add(
+        audit_event(
+            AuditEventType.REQUEST_HELD,
+            actor="fiona",
+            occurred_at=now,
+            project=request.transfer_project_name,
+            request_id=request.id,
+            reason=reason,
+        )
+    )
+
+
+def hold_reason(config: FionaConfig, request: TransferRequest, today: date) -> str | None:
+    """Why FIONA may not act on *request* (None: it may)."""
+    name = request.transfer_project_name
+    project = config.projects.get(name)
+    if project is None:
+        return f"project {name!r} is not configured"
+    if not project.active:
+        return f"project {name} is not active"
+    if not project.destinations:
+        return f"project {name} has no destinations"
+    approval = project.approval
+    if approval is not None and not approval.covers(today):
+        window = f"{approval.start or '…'} to {approval.end or '…'}"
+        reference = f" ({approval.reference})" if approval.reference else ""
+        return f"project {name} is outside its approval window{reference}: {window}"
+    return project.pseudonym_problem(request.transfer_name)
+
+
 def activate_requests(
     session_factory: sessionmaker[Session], config: FionaConfig, node_key: bytes, now: datetime
 ) -> list[int]:
     """Advance open requests; return the ids that are now ``processing``."""
     ready: list[int] = []
+    stream = config.forwarding.stream_while_receiving
     with session_factory() as session, session.begin():
-        requests = session.scalars(
-            select(TransferRequest).where(TransferRequest.status.in_(_OPEN + _DONE))
-        ).all()
-        for request in requests:
+        open_requests = select(TransferRequest).where(TransferRequest.status.in_(_OPEN))
+        # Late instances: a sent request whose study received instances after it was sent
+        # (and, unless streaming, became stable again). Only instances without ledger rows
+        # will be prepared and sent. Selected in SQL: sent requests pile up over the years.
+        late = (
+            select(TransferRequest)
+            .join(Study, Study.id == TransferRequest.study_id)
+            .where(
+                TransferRequest.status.in_(_DONE),
+                TransferRequest.transfer_date.is_not(None),
+                (Study.last_received_at > TransferRequest.transfer_date)
+                if stream
+                else (
+                    (Study.state == StudyState.STABLE)
+                    & (Study.stable_at > TransferRequest.transfer_date)
+                ),
+            )
+        )
+        if session.get_bind().dialect.name == "postgresql":
+            # Several FIONA processes on one database: each request is moved on by one.
+            open_requests = open_requests.with_for_update(skip_locked=True)
+            late = late.with_for_update(of=TransferRequest, skip_locked=True)
+        for request in session.scalars(late).all():
+            request.status = RequestStatus.PROCESSING
+            request.updated_at = now
+            ready.append(request.id)
+        for request in session.scalars(open_requests).all():
+            reason = hold_reason(config, request, now.date())
+            if reason is not None:
+                hold_request(session, request, now, reason)
+                continue
             study = None
             if request.study_instance_uid:
                 study = session.scalars(
                     select(Study).where(Study.study_instance_uid == request.study_instance_uid)
                 ).one_or_none()
-            stream = config.forwarding.stream_while_receiving
-            if request.status in _DONE:
-                # Late instances: the study re-opened after the request was sent (and, unless
-                # streaming, became stable again). Only instances without ledger rows will be
-                # prepared and sent.
-                if (
-                    study is not None
-                    and request.transfer_date is not None
-                    and (
-                        (stream and study.last_received_at > request.transfer_date)
-                        or (
-                            study.state == StudyState.STABLE
-                            and study.stable_at is not None
-                            and study.stable_at > request.transfer_date
-                        )
-                    )
-                ):
-                    request.status = RequestStatus.PROCESSING
-                    request.updated_at = now
-                    ready.append(request.id)
-                continue
-            project = config.projects.get(request.transfer_project_name)
-            reason = None
-            if project is None:
-                reason = f"project {request.transfer_project_name!r} is not configured"
-            elif not project.active:
-                reason = f"project {request.transfer_project_name} is not active"
-            elif not project.destinations:
-                reason = f"project {request.transfer_project_name} has no destinations"
-            if reason is not None:
-                fail_request(session, request, now, "held", reason)
-                continue
             if study is None or (study.state != StudyState.STABLE and not stream):
                 if request.status != RequestStatus.WAITING_FOR_DATA:
                     request.status = RequestStatus.WAITING_FOR_DATA
@@ -163,3 +219,208 @@ def activate_requests(
             request.updated_at = now
             ready.append(request.id)
     return ready
+
+
+# -- operator actions ------------------------------------------------------------------------
+
+
+class RequestError(Exception):
+    """An operator action that cannot be done (unknown request, wrong status): the message
+    says why."""
+
+
+def _changed(
+    session: Session,
+    request: TransferRequest,
+    now: datetime,
+    actor: str,
+    action: str,
+    **details: Any,
+) -> None:
+    cancelled = action == "cancel"
+    session.add(
+        audit_event(
+            AuditEventType.REQUEST_CANCELLED if cancelled else AuditEventType.REQUEST_CHANGED,
+            actor=actor,
+            occurred_at=now,
+            project=request.transfer_project_name,
+            request_id=request.id,
+            action=action,
+            **details,
+        )
+    )
+
+
+def _get(session: Session, request_id: int) -> TransferRequest:
+    request = session.get(TransferRequest, request_id)
+    if request is None:
+        raise RequestError(f"no transfer request {request_id}")
+    return request
+
+
+def retry_request(
+    session_factory: sessionmaker[Session], request_id: int, now: datetime, actor: str
+) -> str:
+    """Try a held, failed or partial request again after the cause was fixed; says what."""
+    from fiona.forwarder.ledger import retry_failed
+
+    with session_factory() as session, session.begin():
+        request = _get(session, request_id)
+        status = request.status
+        if status in (RequestStatus.HELD, RequestStatus.FAILED) and request.study_id is None:
+            # Never got as far as the ledger: validate and look for the study again.
+            request.status = RequestStatus.NEW
+            request.transfer_error = None
+            request.transfer_error_message = None
+            request.updated_at = now
+            _changed(session, request, now, actor, "retry", previous=status.value)
+            return f"request {request_id}: {status.value} → new (checked again at the next poll)"
+        if status not in (RequestStatus.FAILED, RequestStatus.PARTIAL, RequestStatus.HELD):
+            raise RequestError(f"request {request_id} is {status.value}: nothing to retry")
+    count = retry_failed(session_factory, request_id, now, actor)
+    if count:
+        return f"request {request_id}: {count} failed deliveries are due again"
+    with session_factory() as session, session.begin():
+        # Failed before any delivery row existed (e.g. the profile could not be loaded).
+        request = _get(session, request_id)
+        request.status = RequestStatus.PROCESSING
+        request.transfer_error = None
+        request.transfer_error_message = None
+        request.updated_at = now
+        _changed(session, request, now, actor, "retry", previous=status.value)
+    return f"request {request_id}: {status.value} → processing (prepared again)"
+
+
+def cancel_request(
+    session_factory: sessionmaker[Session], request_id: int, now: datetime, actor: str
+) -> str:
+    """Stop a request: nothing more is sent (a batch already on the wire finishes)."""
+    from fiona.db import Delivery, DeliveryState
+
+    with session_factory() as session, session.begin():
+        request = _get(session, request_id)
+        if request.status in (RequestStatus.CANCELLED, RequestStatus.SENT):
+            raise RequestError(f"request {request_id} is {request.status.value}: cannot cancel")
+        previous = request.status
+        request.status = RequestStatus.CANCELLED
+        request.updated_at = now
+        dropped = session.execute(
+            update(Delivery)
+            .where(Delivery.request_id == request_id, Delivery.state == DeliveryState.PENDING)
+            .values(
+                state=DeliveryState.FAILED,
+                last_error_class="cancelled",
+                last_error=f"request cancelled by {actor}",
+                updated_at=now,
+            )
+        )
+        count = int(getattr(dropped, "rowcount", 0) or 0)
+        _changed(session, request, now, actor, "cancel", previous=previous.value, dropped=count)
+    return f"request {request_id}: cancelled ({count} pending deliveries dropped)"
+
+
+def resend_request(
+    session_factory: sessionmaker[Session], request_id: int, now: datetime, actor: str,
+    node_key: bytes,
+) -> tuple[int, str]:  # fmt: skip
+    """Send a request's study again from scratch (e.g. after a profile fix): a new request
+    with the same study, project, pseudonym and event; the old one keeps its ledger."""
+    with session_factory() as session, session.begin():
+        old = _get(session, request_id)
+        if not old.study_instance_uid:
+            raise RequestError(f"request {request_id} names no study")
+        new = create_request(
+            session,
+            study_instance_uid=old.study_instance_uid,
+            project=old.transfer_project_name,
+            pseudonym=old.transfer_name,
+            requested_by=actor,
+            now=now,
+            node_key=node_key,
+            event=old.transfer_event_name,
+            site=old.transfer_site,
+            date_offset_days=old.transfer_date_offset_days,
+            source=f"resend of {old.id}",
+        )
+        _changed(session, old, now, actor, "resend", resent_as=new.id)
+        return new.id, f"request {request_id}: sent again as request {new.id}"
+
+
+CSV_FIELDS = (
+    "study_instance_uid",
+    "transfer_project_name",
+    "transfer_name",
+    "transfer_event_name",
+    "transfer_site",
+    "transfer_date_offset_days",
+)
+"""Columns of ``fiona request import`` (the first three are required)."""
+
+
+def entry_problems(config: FionaConfig, study_uid: str, project: str) -> list[str]:
+    """What makes a new request unacceptable at entry (a bad pseudonym only holds it later)."""
+    problems = []
+    if study_uid and not _UID.fullmatch(study_uid):
+        problems.append("study_instance_uid is not a valid UID")
+    if project and project not in config.projects:
+        problems.append(f"project {project!r} is not configured")
+    return problems
+
+
+def parse_requests_csv(text: str, config: FionaConfig) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of a request CSV, and every problem found (line numbers included)."""
+    reader = csv.DictReader(io.StringIO(text))
+    header = [name.strip() for name in reader.fieldnames or []]
+    problems: list[str] = []
+    missing = [name for name in CSV_FIELDS[:3] if name not in header]
+    unknown = [name for name in header if name not in CSV_FIELDS]
+    if missing or unknown:
+        if missing:
+            problems.append(f"missing columns: {', '.join(missing)}")
+        if unknown:
+            problems.append(f"unknown columns: {', '.join(unknown)}")
+        return [], problems
+    rows: list[dict[str, Any]] = []
+    for line, raw in enumerate(reader, start=2):
+        row = {key.strip(): (value or "").strip() for key, value in raw.items() if key}
+        if not any(row.values()):
+            continue
+        for name in CSV_FIELDS[:3]:
+            if not row.get(name):
+                problems.append(f"line {line}: {name} is empty")
+        uid = row.get("study_instance_uid", "")
+        project = row.get("transfer_project_name", "")
+        problems += [f"line {line}: {p}" for p in entry_problems(config, uid, project)]
+        offset: int | None = None
+        if row.get("transfer_date_offset_days"):
+            try:
+                offset = int(row["transfer_date_offset_days"])
+            except ValueError:
+                problems.append(f"line {line}: transfer_date_offset_days is not a whole number")
+        rows.append(
+            {
+                "study_instance_uid": uid,
+                "project": project,
+                "pseudonym": row.get("transfer_name", ""),
+                "event": row.get("transfer_event_name", ""),
+                "site": row.get("transfer_site") or None,
+                "date_offset_days": offset,
+            }
+        )
+    if not rows and not problems:
+        problems.append("no requests in the file")
+    return rows, problems
+
+
+def import_requests(
+    session_factory: sessionmaker[Session], rows: list[dict[str, Any]], now: datetime,
+    actor: str, node_key: bytes,
+) -> list[int]:  # fmt: skip
+    """Add every row as a ``new`` request in one transaction (all or nothing)."""
+    with session_factory() as session, session.begin():
+        return [
+            create_request(
+                session, requested_by=actor, now=now, node_key=node_key, source="csv", **row
+            ).id
+            for row in rows
+        ]

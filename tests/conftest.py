@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from fionatest import FionaServer, write_config
+from forwarding import FAST, Node
 from sqlalchemy import create_engine, text
 
 from fiona.config import load_config
@@ -86,3 +88,41 @@ def make_server(tmp_path: Path) -> Iterator[object]:
         if server.proc is not None and server.proc.poll() is None:
             server.proc.kill()
             server.proc.wait(30)
+
+
+@pytest.fixture
+def node_factory(make_server: Callable[..., FionaServer]) -> Iterator[Callable[..., Node]]:
+    nodes: list[Node] = []
+
+    def factory(
+        destinations: dict[str, Any],
+        *,
+        db_url: str | None = None,
+        profile: str = "mmiv",
+        uid_scheme: str = "mmiv",
+        forwarding: dict[str, Any] | None = None,
+        project: dict[str, Any] | None = None,
+    ) -> Node:
+        """A started ``fiona serve`` with project BICAM sending to *destinations*."""
+        server = make_server(
+            db_url,
+            destinations=destinations,
+            projects={
+                "BICAM": {
+                    "ae_titles": ["BICAM"],
+                    "destinations": sorted(destinations),
+                    "profile": profile,
+                    "uid_scheme": uid_scheme,
+                    **(project or {}),
+                }
+            },
+            forwarding={**FAST, **(forwarding or {})},
+        )
+        server.start()
+        node = Node(server)
+        nodes.append(node)
+        return node
+
+    yield factory
+    for node in nodes:
+        node.close()

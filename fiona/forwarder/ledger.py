@@ -257,8 +257,10 @@ def _prepare_one(
                 )
             )
     with session_factory() as session, session.begin():
-        session.add_all(rows)
         stored = session.get(TransferRequest, request_id)
+        if stored is None or stored.status != RequestStatus.PROCESSING:
+            return 0  # cancelled (or otherwise moved on) while it was being prepared
+        session.add_all(rows)
         if stored is not None and new_study and not stored.transfer_mapped_uid:
             stored.transfer_mapped_uid = new_study
         key = study_key(node_key, request)

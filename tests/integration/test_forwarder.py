@@ -1,7 +1,7 @@
 """Forwarding to real peers: Orthanc as the research PACS, dcmtk storescp, a scripted SCP.
 
-Each test runs ``fiona serve`` as a subprocess, sends a study with dcmtk ``storescu``, adds a
-transfer request through FIONA's own API (the operator commands come with issue 5) and waits
+Each test runs ``fiona serve`` as a subprocess (``node_factory``, see ``tests/forwarding.py``),
+sends a study with dcmtk ``storescu``, adds a transfer request through FIONA's own API and waits
 for the delivery ledger to settle.
 """
 
@@ -12,22 +12,20 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 import yaml
-from fionatest import FionaServer, sample_file, store_failures, storescu, write_study
+from fionatest import FionaServer, sample_file, write_study
+from forwarding import Node, dicom_destination
 from peers import HANG, Orthanc, ScriptedSCP, StoreSCP
 from pydicom import config as pydicom_config
 from pydicom import dcmread
-from sqlalchemy import select
 
 from fiona.anonymizer import Context, anonymize_bytes, load_profile, make_scheme
-from fiona.audit import utcnow
-from fiona.config import load_config
 from fiona.db import (
     AuditEvent,
     AuditEventType,
@@ -35,126 +33,17 @@ from fiona.db import (
     DeliveryState,
     RequestStatus,
     TransferRequest,
-    make_engine,
-    make_sessionmaker,
 )
-from fiona.keys import load_node_key
-from fiona.requests import create_request
 
 pytestmark = pytest.mark.integration
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-FAST = {
-    "poll_seconds": 0.2,
-    "retry_base_seconds": 0.3,
-    "retry_cap_seconds": 1.0,
-    "breaker_failures": 2,
-    "breaker_probe_seconds": 0.5,
-}
 
 
 @pytest.fixture(autouse=True)
 def _mmiv_uids_may_be_invalid(monkeypatch: pytest.MonkeyPatch) -> None:
     """About 1 MMIV UID in 8 has a component starting with 0; the research PACS holds them."""
     monkeypatch.setattr(pydicom_config.settings, "reading_validation_mode", pydicom_config.IGNORE)
-
-
-class Node:
-    """A ``fiona serve`` with projects and destinations, and its database."""
-
-    def __init__(self, server: FionaServer) -> None:
-        self.server = server
-        self.config = load_config(server.config_path)
-        self.engine = make_engine(self.config.database.url)
-        self.sessions = make_sessionmaker(self.engine)
-
-    def send(self, files: list[Path], called: str = "FIONA", extra: tuple[str, ...] = ()) -> None:
-        result = storescu(self.server.port, files, called=called, extra=extra)
-        assert result.returncode == 0 and not store_failures(result), result.stdout
-
-    def request(self, study_uid: str, project: str = "BICAM", pseudonym: str = "BICAM001") -> int:
-        with self.sessions() as session, session.begin():
-            request = create_request(
-                session,
-                study_instance_uid=study_uid,
-                project=project,
-                pseudonym=pseudonym,
-                requested_by="test",
-                now=utcnow(),
-                node_key=load_node_key(self.config.storage.path),
-            )
-            return request.id
-
-    def wait_request(
-        self, request_id: int, *statuses: RequestStatus, timeout: float = 60.0
-    ) -> TransferRequest:
-        deadline = time.monotonic() + timeout
-        while True:
-            with self.sessions() as session:
-                request = session.get(TransferRequest, request_id)
-                assert request is not None
-                if request.status in statuses:
-                    return request
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"request {request_id} is {request.status}\n{self.server.log()}")
-            time.sleep(0.1)
-
-    def ledger(self, request_id: int) -> list[Delivery]:
-        with self.sessions() as session:
-            return list(
-                session.scalars(
-                    select(Delivery).where(Delivery.request_id == request_id).order_by(Delivery.id)
-                )
-            )
-
-    def audit(self, event_type: AuditEventType) -> list[AuditEvent]:
-        with self.sessions() as session:
-            return list(
-                session.scalars(select(AuditEvent).where(AuditEvent.event_type == event_type))
-            )
-
-    def close(self) -> None:
-        self.engine.dispose()
-
-
-@pytest.fixture
-def node_factory(make_server: Callable[..., FionaServer]) -> Iterator[Callable[..., Node]]:
-    nodes: list[Node] = []
-
-    def factory(
-        destinations: dict[str, Any],
-        *,
-        db_url: str | None = None,
-        profile: str = "mmiv",
-        uid_scheme: str = "mmiv",
-        forwarding: dict[str, Any] | None = None,
-    ) -> Node:
-        server = make_server(
-            db_url,
-            destinations=destinations,
-            projects={
-                "BICAM": {
-                    "ae_titles": ["BICAM"],
-                    "destinations": sorted(destinations),
-                    "profile": profile,
-                    "uid_scheme": uid_scheme,
-                }
-            },
-            forwarding={**FAST, **(forwarding or {})},
-        )
-        server.start()
-        node = Node(server)
-        nodes.append(node)
-        return node
-
-    yield factory
-    for node in nodes:
-        node.close()
-
-
-def dicom_destination(peer: Orthanc | StoreSCP | ScriptedSCP, **extra: Any) -> dict[str, Any]:
-    port = peer.dicom_port if isinstance(peer, Orthanc) else peer.port
-    return {"kind": "dicom", "host": "127.0.0.1", "port": port, "ae_title": peer.ae_title, **extra}
 
 
 def expected_mmiv(path: Path, project: str = "BICAM", pseudonym: str = "BICAM001") -> Any:

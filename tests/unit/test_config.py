@@ -90,6 +90,17 @@ def test_config_is_frozen(tmp_path: Path) -> None:
             "projects.BICAM.date_offset_days",
             "less than or equal",
         ),
+        (
+            "projects: {BICAM: {pseudonym_pattern: '(['}}\n",
+            "projects.BICAM.pseudonym_pattern",
+            "not a regular expression",
+        ),
+        (
+            "projects: {BICAM: {approval: {start: 2021-01-01, end: 2020-01-01}}}\n",
+            "projects.BICAM.approval",
+            "end is before start",
+        ),
+        ("requests: {source: redcap}\n", "requests.source", "'table'"),
         ("- a\n- b\n", "<top>", "mapping"),
         ("node: [\n", "<top>", "not valid YAML"),
     ],

@@ -1,0 +1,171 @@
+"""``fiona request …`` against a running ``fiona serve`` and a real research PACS (Orthanc).
+
+The operator's view: requests are added, listed, retried, cancelled, re-sent and imported with
+the CLI; what reaches the PACS is checked through Orthanc's REST API or a scripted SCP.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fionatest import write_study
+from forwarding import Node, dicom_destination
+from peers import Orthanc, ScriptedSCP
+from pydicom import config as pydicom_config
+from pydicom import dcmread
+
+from fiona.db import AuditEventType, RequestStatus
+
+pytestmark = pytest.mark.integration
+
+PATTERN = {"pseudonym_pattern": r"^BICAM\d{3}$"}
+
+
+@pytest.fixture(autouse=True)
+def _mmiv_uids_may_be_invalid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pydicom_config.settings, "reading_validation_mode", pydicom_config.IGNORE)
+
+
+def listed(node: Node, *args: str) -> list[dict[str, Any]]:
+    output = node.server.cli("request", "list", "--json", *args).stdout
+    rows: list[dict[str, Any]] = json.loads(output)
+    return rows
+
+
+def added_id(output: str) -> int:
+    assert output.startswith("request "), output
+    return int(output.split()[1])
+
+
+def test_request_added_after_the_study_arrives_reaches_the_pacs(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    with Orthanc(tmp_path / "pacs") as pacs:
+        node = node_factory({"research-pacs": dicom_destination(pacs)}, project=PATTERN)
+        files = write_study(tmp_path / "study", 1, 3)
+        node.send(files)
+        uid = dcmread(files[0]).StudyInstanceUID
+        out = node.server.cli("request", "add", "--study-uid", uid, "--project", "BICAM",
+                              "--pseudonym", "BICAM042", "--event", "baseline").stdout  # fmt: skip
+        request_id = added_id(out)
+        request = node.wait_request(request_id, RequestStatus.SENT, RequestStatus.FAILED,
+                                    RequestStatus.HELD)  # fmt: skip
+        assert request.status == RequestStatus.SENT, node.server.log()
+        assert pacs.wait_for_instances(3) == 3
+        found = pacs.instances_of_study(request.transfer_mapped_uid or "")
+        assert len(found) == 3
+        assert pacs.instance_tags(found[0]["ID"])["PatientID"] == "BICAM042"
+        (row,) = listed(node, "--project", "BICAM", "--status", "sent")
+        assert row["id"] == request_id and row["pseudonym"] == "BICAM042"
+        assert row["event"] == "baseline" and row["new_study_instance_uid"]
+        created = node.audit(AuditEventType.REQUEST_CREATED)[0]
+        assert created.details["source"] == "cli" and created.actor
+
+
+def test_request_added_before_the_study_waits_then_goes(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    with ScriptedSCP() as scp:
+        node = node_factory({"pacs": dicom_destination(scp)})
+        files = write_study(tmp_path / "study", 1, 2)
+        uid = dcmread(files[0]).StudyInstanceUID
+        out = node.server.cli("request", "add", "--study-uid", uid, "--project", "BICAM",
+                              "--pseudonym", "BICAM007").stdout  # fmt: skip
+        request_id = added_id(out)
+        node.wait_request(request_id, RequestStatus.WAITING_FOR_DATA)
+        node.send(files)
+        assert node.wait_request(request_id, RequestStatus.SENT).status == RequestStatus.SENT
+        assert len(set(scp.stored_uids())) == 2
+
+
+def test_bad_pseudonym_is_held_with_the_reason_and_goes_after_the_fix(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    with ScriptedSCP() as scp:
+        node = node_factory({"pacs": dicom_destination(scp)}, project=PATTERN)
+        files = write_study(tmp_path / "study", 1, 2)
+        node.send(files)
+        uid = dcmread(files[0]).StudyInstanceUID
+        result = node.server.cli("request", "add", "--study-uid", uid, "--project", "BICAM",
+                                 "--pseudonym", "bicam-7")  # fmt: skip
+        assert "it will be held" in result.stderr
+        request_id = added_id(result.stdout)
+        request = node.wait_request(request_id, RequestStatus.HELD)
+        assert "does not match the project's pattern" in (request.transfer_error_message or "")
+        shown = node.server.cli("request", "list").stdout
+        assert "held" in shown and "does not match" in shown
+        assert scp.calls == []  # nothing left FIONA
+        # The operator cancels the wrong request and adds the right one.
+        assert "cancelled" in node.server.cli("request", "cancel", str(request_id)).stdout
+        fixed = added_id(node.server.cli("request", "add", "--study-uid", uid, "--project",
+                                         "BICAM", "--pseudonym", "BICAM007").stdout)  # fmt: skip
+        assert node.wait_request(fixed, RequestStatus.SENT).status == RequestStatus.SENT
+        assert listed(node, "--status", "cancelled")[0]["id"] == request_id
+        cancelled = node.audit(AuditEventType.REQUEST_CANCELLED)
+        assert len(cancelled) == 1 and cancelled[0].details["previous"] == "held"
+
+
+def test_add_refuses_unknown_projects_and_bad_uids(node_factory: Callable[..., Node]) -> None:
+    with ScriptedSCP() as scp:
+        node = node_factory({"pacs": dicom_destination(scp)})
+        bad = node.server.cli("request", "add", "--study-uid", "1.2.3", "--project", "NOPE",
+                              "--pseudonym", "X", check=False)  # fmt: skip
+        assert bad.returncode == 2 and "project 'NOPE' is not configured" in bad.stderr
+        bad = node.server.cli("request", "add", "--study-uid", "1.2.x", "--project", "BICAM",
+                              "--pseudonym", "X", check=False)  # fmt: skip
+        assert bad.returncode == 2 and "not a valid UID" in bad.stderr
+        assert listed(node) == []
+        missing = node.server.cli("request", "cancel", "99", check=False)
+        assert missing.returncode == 1 and "no transfer request 99" in missing.stderr
+
+
+def test_csv_import_is_all_or_nothing(tmp_path: Path, node_factory: Callable[..., Node]) -> None:
+    with ScriptedSCP() as scp:
+        node = node_factory({"pacs": dicom_destination(scp)})
+        files_a = write_study(tmp_path / "a", 1, 1)
+        files_b = write_study(tmp_path / "b", 1, 1)
+        uid_a, uid_b = (dcmread(f[0]).StudyInstanceUID for f in (files_a, files_b))
+        header = "study_instance_uid,transfer_project_name,transfer_name,transfer_event_name\n"
+        broken = tmp_path / "broken.csv"
+        broken.write_text(header + f"{uid_a},BICAM,BICAM001,baseline\n{uid_b},OTHER,BICAM002,\n")
+        result = node.server.cli("request", "import", str(broken), check=False)
+        assert result.returncode == 2
+        assert "line 3: project 'OTHER' is not configured" in result.stderr
+        assert listed(node) == []  # the good line was not imported either
+        good = tmp_path / "good.csv"
+        good.write_text(header + f"{uid_a},BICAM,BICAM001,baseline\n{uid_b},BICAM,BICAM002,\n")
+        assert "2 requests added" in node.server.cli("request", "import", str(good)).stdout
+        node.send(files_a + files_b)
+        rows = listed(node)
+        assert {row["pseudonym"] for row in rows} == {"BICAM001", "BICAM002"}
+        for row in rows:
+            node.wait_request(row["id"], RequestStatus.SENT)
+        assert len(set(scp.stored_uids())) == 2
+
+
+def test_resend_sends_the_study_again_as_a_new_request(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    with ScriptedSCP() as scp:
+        node = node_factory({"pacs": dicom_destination(scp)})
+        files = write_study(tmp_path / "study", 1, 2)
+        node.send(files)
+        first = node.request(dcmread(files[0]).StudyInstanceUID)
+        node.wait_request(first, RequestStatus.SENT)
+        out = node.server.cli("request", "resend", str(first)).stdout
+        second = int(out.rsplit(maxsplit=1)[-1])
+        request = node.wait_request(second, RequestStatus.SENT)
+        assert request.transfer_name == "BICAM001"
+        deadline = time.monotonic() + 10
+        while len(scp.calls) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(scp.calls) == 4  # every instance twice, the same new UIDs both times
+        assert len(set(scp.stored_uids())) == 2
+        assert len(node.ledger(first)) == 2 and len(node.ledger(second)) == 2
+        resent = node.audit(AuditEventType.REQUEST_CHANGED)[0]
+        assert resent.details == {"action": "resend", "resent_as": second}
