@@ -29,6 +29,8 @@ __all__ = ["die_with_parent", "run_forwarder"]
 log = get_logger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+FORWARDER_NICENESS = 5
+"""Added to the forwarding process's nice value: when the cores are busy, receiving goes first."""
 
 
 def die_with_parent(parent: int) -> bool:
@@ -52,6 +54,8 @@ def run_forwarder(config: FionaConfig, stop: threading.Event, grace: float) -> i
     parent = os.getppid()
     if not die_with_parent(parent):
         return 1
+    # Receiving first: a modality waits for each C-STORE answer, forwarding does not.
+    os.nice(FORWARDER_NICENESS)
     spool = Spool(config.storage.path, config.storage.min_free_mb)
     configure_pynetdicom(spool)  # the same process-wide options as the receiving process
     engine = make_engine(config.database.url)
