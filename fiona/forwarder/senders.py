@@ -81,6 +81,31 @@ def split_for_contexts(batch: Sequence[Prepared]) -> list[list[Prepared]]:
     return groups
 
 
+def _scu_only(event: evt.Event) -> None:
+    """EVT_CONN_OPEN: Nagle off, and the association's reactor never takes a DIMSE message.
+
+    pynetdicom's association reactor polls the DIMSE queue (``get_msg(block=False)``) to
+    serve incoming requests, and ``send_c_store`` pauses it around each request. The pause
+    has a window (the reactor passes ``_reactor_checkpoint.wait()`` just before the sender
+    clears it, and is descheduled before it marks itself unpaused): then the reactor takes
+    the C-STORE response, logs "Received unexpected C-STORE service message" and drops it,
+    and the sender waits for the DIMSE timeout. Seen once in ~15,000 C-STOREs under CPU
+    load (pynetdicom 3.0.4). FIONA's SCU associations never serve requests, so here the
+    reactor's non-blocking poll finds nothing; responses are left for the caller, which
+    waits for them with ``get_msg(block=True)``.
+    """
+    set_nodelay(event)
+    dimse = event.assoc.dimse
+    blocking_get = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        if not block:
+            return None, None
+        return blocking_get(block=True)
+
+    dimse.get_msg = get_msg
+
+
 def associate(ae: AE, destination: DicomDestination, contexts: list[Any] | None = None) -> Any:
     """Open an association to *destination* (TLS when configured), Nagle off."""
     tls_args = None
@@ -93,7 +118,7 @@ def associate(ae: AE, destination: DicomDestination, contexts: list[Any] | None 
         destination.port,
         ae_title=destination.ae_title,
         contexts=contexts,
-        evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+        evt_handlers=[(evt.EVT_CONN_OPEN, _scu_only)],
         tls_args=tls_args,
     )
 

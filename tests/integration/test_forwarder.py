@@ -471,3 +471,29 @@ def test_forwarding_inside_the_receiving_process_when_configured(
         assert node.wait_request(request_id, RequestStatus.SENT).status == RequestStatus.SENT
         assert forwarder_pids(node.server) == []
         assert len(set(scp.stored_uids())) == 3
+
+
+def test_sender_associations_leave_every_response_to_the_waiting_sender(tmp_path: Path) -> None:
+    """pynetdicom's reactor can steal a C-STORE response (see ``senders._scu_only``)."""
+    from pynetdicom import AE
+
+    from fiona.config import DicomDestination
+    from fiona.forwarder.senders import associate
+
+    with ScriptedSCP() as scp:
+        ae = AE(ae_title="FIONA")
+        ae.add_requested_context(CT_IMAGE)
+        ae.dimse_timeout = 5  # without the guard the blocking get below waits this long
+        destination = DicomDestination.model_validate(dicom_destination(scp))
+        assoc = associate(ae, destination)
+        assert assoc.is_established
+        try:
+            marker = (1, object())
+            assoc.dimse.msg_queue.put(marker)
+            time.sleep(0.05)  # the association reactor polls every millisecond
+            assert assoc.dimse.get_msg(block=False) == (None, None)  # the reactor's poll
+            assert assoc.dimse.get_msg(block=True) is marker  # still there for the sender
+            files = write_study(tmp_path / "study", 1, 1)
+            assert assoc.send_c_store(dcmread(files[0])).Status == 0x0000
+        finally:
+            assoc.release()
