@@ -103,7 +103,7 @@ def _scu_only(event: evt.Event) -> None:
             return None, None
         return blocking_get(block=True)
 
-    dimse.get_msg = get_msg
+    dimse.get_msg = get_msg  # type: ignore[method-assign]  # pynetdicom internals, pinned
 
 
 def associate(ae: AE, destination: DicomDestination, contexts: list[Any] | None = None) -> Any:
