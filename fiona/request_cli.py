@@ -175,6 +175,7 @@ def _act(config_path: Path | None, action: str, request_id: int) -> None:
                     )
             elif action == "cancel":
                 message = cancel_request(sessions, request_id, utcnow(), actor)
+                PreparedFiles(config.storage.path).discard_request(request_id)
             else:
                 _new_id, message = resend_request(
                     sessions, request_id, utcnow(), actor, _node_key(config)

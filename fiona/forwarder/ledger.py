@@ -409,16 +409,19 @@ def claim(
     with session_factory() as session, session.begin():
         query = (
             select(Delivery)
+            .join(TransferRequest, TransferRequest.id == Delivery.request_id)
             .where(
                 Delivery.destination == destination,
                 Delivery.state == DeliveryState.PENDING,
                 Delivery.next_attempt_at <= now,
+                # A cancelled request's rows that came back from the wire are never sent.
+                TransferRequest.status == RequestStatus.PROCESSING,
             )
             .order_by(Delivery.next_attempt_at, Delivery.request_id, Delivery.id)
             .limit(limit)
         )
         if session.get_bind().dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True)
+            query = query.with_for_update(of=Delivery, skip_locked=True)
         rows = list(session.scalars(query))
         if not rows:
             return []
@@ -511,6 +514,14 @@ def record(
                 select(Delivery).where(Delivery.id.in_([item.delivery_id for item, _ in results]))
             )
         }
+        cancelled = set(
+            session.scalars(
+                select(TransferRequest.id).where(
+                    TransferRequest.id.in_({item.request_id for item, _ in results}),
+                    TransferRequest.status == RequestStatus.CANCELLED,
+                )
+            )
+        )
         for item, outcome in results:
             row = rows.get(item.delivery_id)
             if row is None or row.state != DeliveryState.IN_FLIGHT:
@@ -526,11 +537,15 @@ def record(
                 row.last_error_class = "warning" if outcome.kind == Kind.WARNING else None
                 row.last_error = outcome.reason if outcome.kind == Kind.WARNING else None
                 delivered[f"0x{outcome.status or 0:04X}"] += 1
-            elif outcome.kind == Kind.TRANSIENT:
+            elif outcome.kind == Kind.TRANSIENT and row.request_id not in cancelled:
                 row.state = DeliveryState.PENDING
                 row.last_error_class = outcome.label
                 row.last_error = outcome.reason
                 row.next_attempt_at = now + timedelta(seconds=backoff(row.attempts, policy, rng))
+            elif outcome.kind == Kind.TRANSIENT:  # its request was cancelled meanwhile
+                row.state = DeliveryState.FAILED
+                row.last_error_class = "cancelled"
+                row.last_error = f"request cancelled; last attempt: {outcome.reason}"
             else:
                 row.state = DeliveryState.FAILED
                 row.last_error_class = outcome.label

@@ -169,3 +169,28 @@ def test_resend_sends_the_study_again_as_a_new_request(
         assert len(node.ledger(first)) == 2 and len(node.ledger(second)) == 2
         resent = node.audit(AuditEventType.REQUEST_CHANGED)[0]
         assert resent.details == {"action": "resend", "resent_as": second}
+
+
+def test_cancel_while_retrying_stops_every_delivery(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    with ScriptedSCP(default_status=0xA700) as scp:  # out of resources: retried, not stored
+        node = node_factory({"pacs": dicom_destination(scp)})
+        files = write_study(tmp_path / "study", 1, 3)
+        node.send(files)
+        request_id = node.request(dcmread(files[0]).StudyInstanceUID)
+        scp.wait_for_calls(3)
+        node.server.cli("request", "cancel", str(request_id))
+        deadline = time.monotonic() + 30
+        while any(row.state.value == "IN_FLIGHT" for row in node.ledger(request_id)):
+            assert time.monotonic() < deadline, node.server.log()
+            time.sleep(0.05)  # a batch already on the wire finishes
+        calls = len(scp.calls)
+        scp.script(statuses=[], default_status=0x0000)  # the PACS recovers: too late
+        time.sleep(3)  # several retry periods (FAST: 0.3-1 s)
+        assert len(scp.calls) == calls and scp.stored_uids() == []
+        ledger = node.ledger(request_id)
+        assert ledger and all(row.state.value == "FAILED" for row in ledger)
+        assert {row.last_error_class for row in ledger} <= {"cancelled"}
+        assert node.wait_request(request_id, RequestStatus.CANCELLED)
+        assert not any((node.server.storage / "prepared").rglob("*.dcm"))
