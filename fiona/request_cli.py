@@ -56,7 +56,10 @@ def request() -> None:
 
 @request.command("add")
 @_config_option
-@click.option("--study-uid", required=True, help="The original StudyInstanceUID.")
+@click.option("--study-uid", default="", help="The original StudyInstanceUID.")
+@click.option("--accession", default="", help="Or: the study's AccessionNumber.")
+@click.option("--patient-id", default="", help="Or: the PatientID (with --study-date).")
+@click.option("--study-date", default="", help="YYYYMMDD, with --patient-id.")
 @click.option("--project", required=True, help="Project id (from projects:).")
 @click.option("--pseudonym", required=True, help="The participant's pseudonym in the project.")
 @click.option("--event", default="", help="Event name (e.g. baseline).")
@@ -65,24 +68,35 @@ def request() -> None:
 def add(
     config_path: Path | None,
     study_uid: str,
+    accession: str,
+    patient_id: str,
+    study_date: str,
     project: str,
     pseudonym: str,
     event: str,
     site: str | None,
     date_offset_days: int | None,
 ) -> None:
-    """Ask FIONA to send a study to a project under a pseudonym."""
+    """Ask FIONA to send a study to a project under a pseudonym.
+
+    Name the study by --study-uid, --accession, or --patient-id with --study-date. A study
+    named by AccessionNumber or patient and date is looked for among received studies (and
+    those still to come); if more than one matches, the request is held: FIONA never guesses.
+    """
     from fiona.audit import utcnow
     from fiona.requests import create_request, entry_problems
 
     config = _load(config_path)
-    problems = entry_problems(config, study_uid, project)
+    problems = entry_problems(config, study_uid, project, accession, patient_id, study_date)
     if problems:
         _fail("; ".join(problems), 2)
     with _database(config) as sessions, sessions() as session, session.begin():
         created = create_request(
             session,
             study_instance_uid=study_uid,
+            accession_number=accession,
+            patient_id=patient_id,
+            study_date=study_date,
             project=project,
             pseudonym=pseudonym,
             requested_by=getpass.getuser(),
@@ -215,8 +229,9 @@ def resend(config_path: Path | None, request_id: int) -> None:
 def import_csv(config_path: Path | None, csv_file: Path) -> None:
     """Add many requests from a CSV file (all or nothing).
 
-    Columns: study_instance_uid, transfer_project_name, transfer_name (required),
-    transfer_event_name, transfer_site, transfer_date_offset_days.
+    Columns: transfer_project_name, transfer_name (required); study_instance_uid, or
+    accession_number, or patient_id with study_date; transfer_event_name, transfer_site,
+    transfer_date_offset_days.
     """
     from fiona.audit import utcnow
     from fiona.requests import import_requests, parse_requests_csv

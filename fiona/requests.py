@@ -14,8 +14,11 @@ instances are then sent.
 
 Operator actions (``fiona request …``): :func:`retry_request`, :func:`cancel_request`,
 :func:`resend_request` and :func:`import_requests` (CSV); each is an audit event naming who.
-Still to come (issue 5): naming a study by AccessionNumber or PatientID + StudyDate, and a
-REDCap source; issue 6 adds the router that creates requests automatically.
+A request may name its study by AccessionNumber, or by PatientID and StudyDate, instead of
+its UID: received studies keep keyed hashes of both (never the values), the request is matched
+when the study's first instance is in, and more than one match holds the request — FIONA never
+guesses. Still to come (issue 5): a REDCap source; issue 6 adds the router that creates
+requests automatically.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 def create_request(
     session: Session,
     *,
-    study_instance_uid: str,
+    study_instance_uid: str | None = None,
     project: str,
     pseudonym: str,
     requested_by: str,
@@ -69,10 +72,20 @@ def create_request(
     site: str | None = None,
     date_offset_days: int | None = None,
     source: str = "table",
+    accession_number: str | None = None,
+    patient_id: str | None = None,
+    study_date: str | None = None,
 ) -> TransferRequest:
-    """Add a ``new`` request (and its audit event) to *session*."""
+    """Add a ``new`` request (and its audit event) to *session*.
+
+    The study is named by its StudyInstanceUID, or by AccessionNumber, or by PatientID and
+    StudyDate (found when its first instance arrives; see :func:`activate_requests`).
+    """
     request = TransferRequest(
-        study_instance_uid=study_instance_uid,
+        study_instance_uid=study_instance_uid or None,
+        accession_number=accession_number or None,
+        patient_id=patient_id or None,
+        study_date=study_date or None,
         transfer_project_name=project,
         transfer_name=pseudonym,
         transfer_event_name=event,
@@ -94,13 +107,51 @@ def create_request(
             occurred_at=now,
             project=project,
             request_id=request.id,
-            study_key=keyed_hash(node_key, study_instance_uid),
+            study_key=study_key(node_key, request),
+            named_by=_named_by(request),
             pseudonym=pseudonym,
             event=event,
             source=source,
         )
     )
     return request
+
+
+def _named_by(request: TransferRequest) -> str:
+    if request.study_instance_uid:
+        return "study-uid"
+    return "accession" if request.accession_number else "patient-and-date"
+
+
+def _find_study(
+    session: Session, request: TransferRequest, node_key: bytes
+) -> tuple[Study | None, str | None]:
+    """The received study a request names (None: not here yet), or why it is ambiguous."""
+    if request.study_instance_uid:
+        study = session.scalars(
+            select(Study).where(Study.study_instance_uid == request.study_instance_uid)
+        ).one_or_none()
+        return study, None
+    if request.accession_number:
+        query = select(Study).where(
+            Study.accession_key == keyed_hash(node_key, request.accession_number)
+        )
+        what = "AccessionNumber"
+    elif request.patient_id and request.study_date:
+        query = select(Study).where(
+            Study.patient_key == keyed_hash(node_key, request.patient_id),
+            Study.study_date == request.study_date,
+        )
+        what = "PatientID and StudyDate"
+    else:
+        return None, (
+            "the request names no study (StudyInstanceUID, AccessionNumber, or PatientID and "
+            "StudyDate)"
+        )
+    found = session.scalars(query.limit(2)).all()
+    if len(found) > 1:
+        return None, f"more than one received study has this {what}: name it by its UID"
+    return (found[0] if found else None), None
 
 
 def study_key(node_key: bytes, request: TransferRequest) -> str | None:
@@ -204,11 +255,12 @@ def activate_requests(
             if reason is not None:
                 hold_request(session, request, now, reason)
                 continue
-            study = None
-            if request.study_instance_uid:
-                study = session.scalars(
-                    select(Study).where(Study.study_instance_uid == request.study_instance_uid)
-                ).one_or_none()
+            study, ambiguous = _find_study(session, request, node_key)
+            if ambiguous is not None:
+                hold_request(session, request, now, ambiguous)
+                continue
+            if study is not None and not request.study_instance_uid:
+                request.study_instance_uid = study.study_instance_uid  # found by its keys
             if study is None or (study.state != StudyState.STABLE and not stream):
                 if request.status != RequestStatus.WAITING_FOR_DATA:
                     request.status = RequestStatus.WAITING_FOR_DATA
@@ -328,7 +380,7 @@ def resend_request(
     with session_factory() as session, session.begin():
         old = _get(session, request_id)
         if not old.study_instance_uid:
-            raise RequestError(f"request {request_id} names no study")
+            raise RequestError(f"request {request_id} has not found its study yet")
         new = create_request(
             session,
             study_instance_uid=old.study_instance_uid,
@@ -347,19 +399,41 @@ def resend_request(
 
 
 CSV_FIELDS = (
-    "study_instance_uid",
     "transfer_project_name",
     "transfer_name",
+    "study_instance_uid",
+    "accession_number",
+    "patient_id",
+    "study_date",
     "transfer_event_name",
     "transfer_site",
     "transfer_date_offset_days",
 )
-"""Columns of ``fiona request import`` (the first three are required)."""
+"""Columns of ``fiona request import``: project and pseudonym are required; each row names its
+study by ``study_instance_uid``, ``accession_number``, or ``patient_id`` + ``study_date``."""
+_REQUIRED = CSV_FIELDS[:2]
 
 
-def entry_problems(config: FionaConfig, study_uid: str, project: str) -> list[str]:
+def entry_problems(
+    config: FionaConfig,
+    study_uid: str,
+    project: str,
+    accession: str = "",
+    patient_id: str = "",
+    study_date: str = "",
+) -> list[str]:
     """What makes a new request unacceptable at entry (a bad pseudonym only holds it later)."""
     problems = []
+    ways = [bool(study_uid), bool(accession), bool(patient_id or study_date)]
+    if sum(ways) != 1:
+        problems.append(
+            "name the study one way: its StudyInstanceUID, its AccessionNumber, or the "
+            "PatientID and StudyDate"
+        )
+    elif (patient_id or study_date) and not (patient_id and study_date):
+        problems.append("PatientID and StudyDate go together")
+    if study_date and not re.fullmatch(r"\d{8}", study_date):
+        problems.append("study_date is not YYYYMMDD")
     if study_uid and not _UID.fullmatch(study_uid):
         problems.append("study_instance_uid is not a valid UID")
     if project and project not in config.projects:
@@ -372,7 +446,7 @@ def parse_requests_csv(text: str, config: FionaConfig) -> tuple[list[dict[str, A
     reader = csv.DictReader(io.StringIO(text))
     header = [name.strip() for name in reader.fieldnames or []]
     problems: list[str] = []
-    missing = [name for name in CSV_FIELDS[:3] if name not in header]
+    missing = [name for name in _REQUIRED if name not in header]
     unknown = [name for name in header if name not in CSV_FIELDS]
     if missing or unknown:
         if missing:
@@ -385,12 +459,18 @@ def parse_requests_csv(text: str, config: FionaConfig) -> tuple[list[dict[str, A
         row = {key.strip(): (value or "").strip() for key, value in raw.items() if key}
         if not any(row.values()):
             continue
-        for name in CSV_FIELDS[:3]:
+        for name in _REQUIRED:
             if not row.get(name):
                 problems.append(f"line {line}: {name} is empty")
-        uid = row.get("study_instance_uid", "")
-        project = row.get("transfer_project_name", "")
-        problems += [f"line {line}: {p}" for p in entry_problems(config, uid, project)]
+        found = entry_problems(
+            config,
+            row.get("study_instance_uid", ""),
+            row.get("transfer_project_name", ""),
+            row.get("accession_number", ""),
+            row.get("patient_id", ""),
+            row.get("study_date", ""),
+        )
+        problems += [f"line {line}: {p}" for p in found]
         offset: int | None = None
         if row.get("transfer_date_offset_days"):
             try:
@@ -399,8 +479,11 @@ def parse_requests_csv(text: str, config: FionaConfig) -> tuple[list[dict[str, A
                 problems.append(f"line {line}: transfer_date_offset_days is not a whole number")
         rows.append(
             {
-                "study_instance_uid": uid,
-                "project": project,
+                "study_instance_uid": row.get("study_instance_uid") or None,
+                "accession_number": row.get("accession_number") or None,
+                "patient_id": row.get("patient_id") or None,
+                "study_date": row.get("study_date") or None,
+                "project": row.get("transfer_project_name", ""),
                 "pseudonym": row.get("transfer_name", ""),
                 "event": row.get("transfer_event_name", ""),
                 "site": row.get("transfer_site") or None,

@@ -182,6 +182,12 @@ class Study(Base):
     stable_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     reopened_count: Mapped[int] = mapped_column(Integer, default=0)
+    accession_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    """Keyed hash (node secret) of the AccessionNumber of the study's first instance: a request
+    can name the study by it; the number itself is never stored here."""
+    patient_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    """Keyed hash of the PatientID (with ``study_date``: a request by patient and date)."""
+    study_date: Mapped[str | None] = mapped_column(String(8))
 
 
 class Series(Base):

@@ -67,6 +67,10 @@ class InstanceHeader:
     series_instance_uid: str
     transfer_syntax_uid: str
     modality: str | None
+    accession_number: str | None = None
+    patient_id: str | None = None
+    study_date: str | None = None
+    """Only to find the study by (kept as keyed hashes, never logged)."""
 
 
 def _text(value: Any) -> str | None:
@@ -134,6 +138,9 @@ def read_header(path: Path | str) -> InstanceHeader:
             "series_instance_uid": _text(ds.get("SeriesInstanceUID")),
             "modality": _text(ds.get("Modality")),
             "transfer_syntax_uid": _text(ds.file_meta.get("TransferSyntaxUID")),
+            "accession_number": _text(ds.get("AccessionNumber")),
+            "patient_id": _text(ds.get("PatientID")),
+            "study_date": _text(ds.get("StudyDate")),
         }
     except Exception as exc:  # noqa: BLE001 - value conversion of a corrupt element
         raise HeaderError(f"cannot parse dataset: {type(exc).__name__}") from None

@@ -62,6 +62,18 @@ class StoreOutcome(Enum):
     """Same SOP Instance UID, different bytes: the new version replaced the old."""
 
 
+def study_lookup_keys(node_key: bytes, header: InstanceHeader) -> dict[str, str | None]:
+    """What a transfer request can name a study by, as stored: keyed hashes and the date."""
+    date = header.study_date
+    return {
+        "accession_key": keyed_hash(node_key, header.accession_number)
+        if header.accession_number
+        else None,
+        "patient_key": keyed_hash(node_key, header.patient_id) if header.patient_id else None,
+        "study_date": date if date and len(date) == 8 and date.isdigit() else None,
+    }
+
+
 @dataclass(frozen=True)
 class InstanceRecord:
     """An instance that is durably on disk and must be indexed."""
@@ -222,7 +234,7 @@ class IndexWriter:
             return StoreOutcome.DUPLICATE
         study_key = keyed_hash(self._node_key, header.study_instance_uid)
 
-        study_id = self._study_id(session, header.study_instance_uid, now)
+        study_id = self._study_id(session, header, now)
         if self._due(("study", study_id), now):
             reopened = session.execute(  # type: ignore[attr-defined]  # a CursorResult
                 update(Study)
@@ -307,7 +319,11 @@ class IndexWriter:
         self._pending_touches.append((key, now))
         return True
 
-    def _study_id(self, session: Session, study_uid: str, now: datetime) -> int:
+    def _study_id(self, session: Session, header: InstanceHeader, now: datetime) -> int:
+        study_uid = header.study_instance_uid
+        cached = self._study_ids.get(study_uid)
+        if cached is not None:
+            return cached
         return self._row_id(
             session,
             self._study_ids,
@@ -321,6 +337,7 @@ class IndexWriter:
                 "last_received_at": now,
                 "instance_count": 0,
                 "reopened_count": 0,
+                **study_lookup_keys(self._node_key, header),
             },
         )
 

@@ -194,3 +194,64 @@ def test_cancel_while_retrying_stops_every_delivery(
         assert {row.last_error_class for row in ledger} <= {"cancelled"}
         assert node.wait_request(request_id, RequestStatus.CANCELLED)
         assert not any((node.server.storage / "prepared").rglob("*.dcm"))
+
+
+def restamp(files: list[Path], **values: str) -> None:
+    """Set header values of a written study (synthetic data)."""
+    for path in files:
+        ds = dcmread(path)
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        ds.save_as(path, enforce_file_format=True)
+
+
+def test_study_named_by_accession_or_by_patient_and_date(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    with ScriptedSCP() as scp:
+        node = node_factory({"pacs": dicom_destination(scp)})
+        wanted = write_study(tmp_path / "wanted", 1, 2)
+        other = write_study(tmp_path / "other", 1, 2)
+        by_date = write_study(tmp_path / "by-date", 1, 1)
+        restamp(wanted, AccessionNumber="ACC-0001", PatientID="SYNTH-0001")
+        restamp(other, AccessionNumber="ACC-0002", PatientID="SYNTH-0001", StudyDate="20240103")
+        restamp(by_date, AccessionNumber="", PatientID="SYNTH-0042", StudyDate="20240105")
+        # Added before the study arrives: it waits, then finds the study by its number.
+        out = node.server.cli("request", "add", "--accession", "ACC-0001",
+                              "--project", "BICAM", "--pseudonym", "BICAM001").stdout  # fmt: skip
+        first = added_id(out)
+        node.wait_request(first, RequestStatus.WAITING_FOR_DATA)
+        node.send(wanted + other + by_date)
+        request = node.wait_request(first, RequestStatus.SENT)
+        assert request.study_instance_uid == dcmread(wanted[0]).StudyInstanceUID
+        second = added_id(node.server.cli("request", "add", "--patient-id", "SYNTH-0042",
+                                          "--study-date", "20240105", "--project", "BICAM",
+                                          "--pseudonym", "BICAM002").stdout)  # fmt: skip
+        request = node.wait_request(second, RequestStatus.SENT)
+        assert request.study_instance_uid == dcmread(by_date[0]).StudyInstanceUID
+        assert len(set(scp.stored_uids())) == 3  # the other study was not sent
+        created = [event.details for event in node.audit(AuditEventType.REQUEST_CREATED)]
+        assert [d["named_by"] for d in created] == ["accession", "patient-and-date"]
+        assert "ACC-0001" not in json.dumps(created) and "SYNTH-0042" not in json.dumps(created)
+        assert "ACC-0001" not in node.server.log() and "SYNTH-0042" not in node.server.log()
+
+
+def test_an_ambiguous_accession_number_is_held_never_guessed(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    with ScriptedSCP() as scp:
+        node = node_factory({"pacs": dicom_destination(scp)})
+        one, two = write_study(tmp_path / "one", 1, 1), write_study(tmp_path / "two", 1, 1)
+        restamp(one + two, AccessionNumber="ACC-0009")
+        node.send(one + two)
+        request_id = added_id(node.server.cli("request", "add", "--accession", "ACC-0009",
+                                              "--project", "BICAM", "--pseudonym",
+                                              "BICAM009").stdout)  # fmt: skip
+        request = node.wait_request(request_id, RequestStatus.HELD)
+        assert "more than one received study has this AccessionNumber" in (
+            request.transfer_error_message or ""
+        )
+        assert scp.calls == []
+        bad = node.server.cli("request", "add", "--accession", "ACC-0009", "--study-uid", "1.2",
+                              "--project", "BICAM", "--pseudonym", "X", check=False)  # fmt: skip
+        assert bad.returncode == 2 and "name the study one way" in bad.stderr

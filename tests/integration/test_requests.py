@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from sqlalchemy import select
 
@@ -96,3 +98,45 @@ def test_a_request_for_a_study_not_received_waits(services: NodeServices) -> Non
     with services.session_factory() as session:
         request = session.get(TransferRequest, request_id)
         assert request is not None and request.status == RequestStatus.WAITING_FOR_DATA
+
+
+def test_a_request_finds_its_study_by_keyed_accession_or_patient_and_date(
+    services: NodeServices, tmp_path: Path
+) -> None:
+    from fionatest import make_ct
+    from pydicom.uid import generate_uid
+
+    from fiona.db import Study
+    from fiona.scp.ingest import ReceiveFacts
+
+    ds = make_ct(generate_uid(), generate_uid(), patient_id="SYNTH-0077")
+    ds.AccessionNumber = "ACC-0077"
+    path = tmp_path / "in.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    tmp = services.spool.tmp / "in.dcm"
+    tmp.write_bytes(path.read_bytes())
+    services.ingestor.ingest(tmp, ReceiveFacts("CT01", "FIONA", "127.0.0.1", "assoc-1"))
+    with services.session_factory() as session:
+        study = session.scalars(select(Study)).one()
+        assert study.accession_key and "ACC-0077" not in study.accession_key  # keyed, not clear
+        assert study.study_date == ds.StudyDate
+    config = FionaConfig.model_validate({"destinations": PACS, "projects": {"BICAM": OK}})
+    now = services.clock()
+    with services.session_factory() as session, session.begin():
+        by_accession = create_request(session, accession_number="ACC-0077", project="BICAM",
+                                      pseudonym="BICAM001", requested_by="admin", now=now,
+                                      node_key=services.node_key).id  # fmt: skip
+        by_patient = create_request(session, patient_id="SYNTH-0077", study_date=ds.StudyDate,
+                                    project="BICAM", pseudonym="BICAM001", requested_by="admin",
+                                    now=now, node_key=services.node_key).id  # fmt: skip
+        wrong_date = create_request(session, patient_id="SYNTH-0077", study_date="19990101",
+                                    project="BICAM", pseudonym="BICAM001", requested_by="admin",
+                                    now=now, node_key=services.node_key).id  # fmt: skip
+    ready = activate_requests(services.session_factory, config, services.node_key, now)
+    assert sorted(ready) == sorted([by_accession, by_patient])
+    with services.session_factory() as session:
+        for request_id in (by_accession, by_patient):
+            request = session.get(TransferRequest, request_id)
+            assert request is not None and request.study_instance_uid == ds.StudyInstanceUID
+        waiting = session.get(TransferRequest, wrong_date)
+        assert waiting is not None and waiting.status == RequestStatus.WAITING_FOR_DATA
