@@ -303,13 +303,11 @@ def transfers(config_path: Path | None, request_id: int, as_json: bool, retry: b
     kept = PreparedFiles(config.storage.path)
     if retry:
         try:
-            click.echo(retry_request(sessions, request_id, utcnow(), getpass.getuser()))
+            actor = getpass.getuser()
+            click.echo(retry_request(sessions, request_id, utcnow(), actor, config.storage.path))
         except RequestError as exc:
             click.echo(str(exc), err=True)
             sys.exit(1)
-        released = kept.release_quarantine(request_id)
-        if released:
-            click.echo(f"{released} refused instances released from the outgoing quarantine")
     with sessions() as session:
         request = session.get(TransferRequest, request_id)
         if request is None:

@@ -181,12 +181,7 @@ def _act(config_path: Path | None, action: str, request_id: int) -> None:
     with _database(config) as sessions:
         try:
             if action == "retry":
-                message = retry_request(sessions, request_id, utcnow(), actor)
-                released = PreparedFiles(config.storage.path).release_quarantine(request_id)
-                if released:
-                    message += (
-                        f"\n{released} refused instances released from the outgoing quarantine"
-                    )
+                message = retry_request(sessions, request_id, utcnow(), actor, config.storage.path)
             elif action == "cancel":
                 message = cancel_request(sessions, request_id, utcnow(), actor)
                 PreparedFiles(config.storage.path).discard_request(request_id)

@@ -27,6 +27,7 @@ import csv
 import io
 import re
 from datetime import date, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
@@ -165,31 +166,34 @@ def fail_request(
     session: Session, request: TransferRequest, now: datetime, flag: str, reason: str
 ) -> None:
     """Mark *request* ``failed`` with an error flag and the reason, and audit it."""
-    request.status = RequestStatus.FAILED
-    request.transfer_error = flag
-    request.transfer_error_message = reason
-    request.updated_at = now
-    session.add(
-        audit_event(
-            AuditEventType.REQUEST_FAILED,
-            actor="fiona",
-            occurred_at=now,
-            project=request.transfer_project_name,
-            request_id=request.id,
-            reason=reason,
-        )
-    )
+    _stop(session, request, now, RequestStatus.FAILED, flag, reason)
 
 
 def hold_request(session: Session, request: TransferRequest, now: datetime, reason: str) -> None:
     """Mark *request* ``held`` with the reason (it waits for an operator), and audit it."""
-    request.status = RequestStatus.HELD
-    request.transfer_error = "held"
+    _stop(session, request, now, RequestStatus.HELD, "held", reason)
+
+
+def _stop(
+    session: Session,
+    request: TransferRequest,
+    now: datetime,
+    status: RequestStatus,
+    flag: str,
+    reason: str,
+) -> None:
+    request.status = status
+    request.transfer_error = flag
     request.transfer_error_message = reason
     request.updated_at = now
+    event = (
+        AuditEventType.REQUEST_HELD
+        if status == RequestStatus.HELD
+        else AuditEventType.REQUEST_FAILED
+    )
     session.add(
         audit_event(
-            AuditEventType.REQUEST_HELD,
+            event,
             actor="fiona",
             occurred_at=now,
             project=request.transfer_project_name,
@@ -311,9 +315,29 @@ def _get(session: Session, request_id: int) -> TransferRequest:
 
 
 def retry_request(
+    session_factory: sessionmaker[Session],
+    request_id: int,
+    now: datetime,
+    actor: str,
+    storage: Path,
+) -> str:
+    """Try a held, failed or partial request again after the cause was fixed; says what.
+
+    The request's refused instances leave the outgoing quarantine (``storage``): they are
+    being sent again.
+    """
+    from fiona.forwarder.prepared import PreparedFiles
+
+    message = _retry(session_factory, request_id, now, actor)
+    released = PreparedFiles(storage).release_quarantine(request_id)
+    if released:
+        message += f"\n{released} refused instances released from the outgoing quarantine"
+    return message
+
+
+def _retry(
     session_factory: sessionmaker[Session], request_id: int, now: datetime, actor: str
 ) -> str:
-    """Try a held, failed or partial request again after the cause was fixed; says what."""
     from fiona.forwarder.ledger import retry_failed
 
     with session_factory() as session, session.begin():

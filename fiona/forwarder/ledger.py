@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -584,30 +585,20 @@ def record(
 
 def recover_leases(session_factory: sessionmaker[Session], now: datetime) -> int:
     """Make ``IN_FLIGHT`` rows whose lease ran out due again (their sender died)."""
-    with session_factory() as session, session.begin():
-        result = session.execute(
-            update(Delivery)
-            .where(Delivery.state == DeliveryState.IN_FLIGHT, Delivery.lease_until < now)
-            .values(
-                state=DeliveryState.PENDING,
-                lease_until=None,
-                lease_owner=None,
-                next_attempt_at=now,
-                updated_at=now,
-            )
-        )
-        return int(getattr(result, "rowcount", 0) or 0)
+    return _release(session_factory, now, Delivery.lease_until < now)
 
 
 def release_owner(session_factory: sessionmaker[Session], owner_prefix: str, now: datetime) -> int:
     """At start-up: rows leased by an earlier run of this node are due again at once."""
+    return _release(session_factory, now, Delivery.lease_owner.like(f"{owner_prefix}%"))
+
+
+def _release(session_factory: sessionmaker[Session], now: datetime, which: Any) -> int:
+    """``IN_FLIGHT`` rows matching *which* are due again now; returns how many."""
     with session_factory() as session, session.begin():
         result = session.execute(
             update(Delivery)
-            .where(
-                Delivery.state == DeliveryState.IN_FLIGHT,
-                Delivery.lease_owner.like(f"{owner_prefix}%"),
-            )
+            .where(Delivery.state == DeliveryState.IN_FLIGHT, which)
             .values(
                 state=DeliveryState.PENDING,
                 lease_until=None,

@@ -67,7 +67,9 @@ def test_a_request_fiona_may_not_act_on_is_held_with_the_reason(
         assert pseudonym not in str(audit.details) or not pseudonym.strip()
     # The operator fixes the configuration and retries: the request is checked again.
     fixed = FionaConfig.model_validate({"destinations": PACS, "projects": {"BICAM": OK}})
-    message = retry_request(services.session_factory, request_id, services.clock(), "admin")
+    message = retry_request(
+        services.session_factory, request_id, services.clock(), "admin", services.spool.root
+    )
     assert "held → new" in message
     activate_requests(services.session_factory, fixed, services.node_key, services.clock())
     with services.session_factory() as session:
