@@ -20,7 +20,7 @@ import yaml
 from fiona import __version__
 from fiona.config import FionaConfig, load_config, resolve_config_path
 from fiona.errors import ConfigError
-from fiona.logs import configure_logging
+from fiona.logs import configure_logging, get_logger
 
 __all__ = ["main"]
 
@@ -54,9 +54,12 @@ def main() -> None:
 @main.command()
 @_config_option
 def check(config_path: Path | None) -> None:
-    """Validate the configuration and print the effective values."""
+    """Validate the configuration (and the routing rules) and print the effective values."""
     config = _load(config_path)
+    rules = _routing_rules(config)
     click.echo(f"# {config.source}: OK")
+    if config.routing.rules_file is not None:
+        click.echo(f"# {rules.source}: OK, {len(rules.rules)} rules, sha256 {rules.sha256}")
     click.echo(yaml.safe_dump(config.redacted(), sort_keys=False), nl=False)
 
 
@@ -90,12 +93,16 @@ def serve(config_path: Path | None, grace: float, worker: bool, forwarder: bool)
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    reload = threading.Event()
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: reload.set())
     if forwarder:
         from fiona.forwarder.process import run_forwarder
 
         sys.exit(run_forwarder(config, stop, grace))
     separate = bool(config.destinations) and config.forwarding.separate_process and not worker
     node = Node(config, worker=worker, run_forwarder=not separate)
+    if not worker:
+        node.rules = _routing_rules(config)
     try:
         node.start()
     except OSError as exc:
@@ -113,6 +120,9 @@ def serve(config_path: Path | None, grace: float, worker: bool, forwarder: bool)
         pool.start()
     parent = os.getppid()
     while not stop.wait(0.5):
+        if reload.is_set() and not worker:
+            reload.clear()
+            _reload_rules(node, config)
         for pool in pools:
             pool.supervise()
         if worker and os.getppid() != parent:
@@ -125,6 +135,29 @@ def serve(config_path: Path | None, grace: float, worker: bool, forwarder: bool)
     node.stop(grace)
     for pool in pools:
         pool.wait()
+
+
+def _routing_rules(config: FionaConfig) -> Any:
+    from fiona.router.rules import load_routing_rules
+
+    try:
+        return load_routing_rules(config)
+    except ConfigError as exc:
+        click.echo(f"configuration error:\n{exc}", err=True)
+        sys.exit(2)
+
+
+def _reload_rules(node: Any, config: FionaConfig) -> None:
+    """SIGHUP: read the routing rules again; a broken file keeps the rules in use."""
+    from fiona.router.rules import load_routing_rules
+
+    try:
+        node.set_rules(load_routing_rules(config))
+    except ConfigError as exc:
+        get_logger("fiona.router").error(
+            "routing rules not reloaded: the file has errors; the previous rules stay",
+            problems=[f"{key}: {message}" for key, message in exc.problems],
+        )
 
 
 @main.group()
@@ -468,8 +501,12 @@ def import_(config_path: Path | None, folder: Path, called_ae: str | None, calli
 
 def _register() -> None:
     from fiona.request_cli import request
+    from fiona.route_cli import coupling, route, studies
 
+    main.add_command(coupling)
     main.add_command(request)
+    main.add_command(route)
+    main.add_command(studies)
 
 
 _register()

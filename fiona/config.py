@@ -43,9 +43,13 @@ __all__ = [
     "NodeConfig",
     "NodeTls",
     "ProjectConfig",
+    "RedcapConfig",
+    "RequestsConfig",
+    "RoutingConfig",
     "StorageConfig",
     "load_config",
     "read_secret",
+    "read_token",
     "resolve_config_path",
 ]
 
@@ -328,7 +332,10 @@ class ProjectConfig(_Frozen):
     and approval windows.)
     """
 
+    number: str | None = None
+    """The project's number (``P<yy>_<nn>``, e.g. ``P20_01``): usable wherever its id is."""
     ae_titles: tuple[str, ...] = ()
+    """Called AE titles that mean "this project" (mode B: the sender is trusted)."""
     active: bool = True
     destinations: tuple[str, ...] = ()
     """Names from ``destinations:``; every de-identified instance goes to each."""
@@ -341,6 +348,18 @@ class ProjectConfig(_Frozen):
     requests with another pseudonym are held."""
     approval: ApprovalConfig | None = None
     """Requests outside the approval window are held."""
+    sites: dict[str, str] = {}
+    """Site code → name; a request's site goes to ClinicalTrialSiteID, its name to
+    ClinicalTrialSiteName (where the profile writes them)."""
+    drop: tuple[str, ...] = ()
+    """Modalities never forwarded for this project (e.g. ``[PR, SC]``)."""
+
+    @field_validator("number")
+    @classmethod
+    def _number(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"P\d{2}_\d{2}", value):
+            raise ValueError(f"{value!r} is not a project number like P20_01")
+        return value
 
     @field_validator("pseudonym_pattern")
     @classmethod
@@ -380,17 +399,117 @@ class ProjectConfig(_Frozen):
         return tuple(_check_ae_title(v) for v in value)
 
 
+class RedcapConfig(_Frozen):
+    """A REDCap project holding the transfer requests (``requests.source: redcap``).
+
+    The project follows MMIV's "Incoming" data dictionary (``config/redcap/``): one record per
+    study, its record id the StudyInstanceUID, with the repeating instruments ``series`` and
+    ``transfers``.
+    """
+
+    url: str
+    """The API endpoint, e.g. ``https://redcap.example.org/api/``. Plain ``http`` is refused
+    except to this machine (the token would travel in clear)."""
+    token_file: Path
+    """A file holding the project's API token (32 hex digits); only FIONA's user may read it.
+    Read again at every poll, so a new token needs no restart."""
+    timeout_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
+    """How long one API call may take before it counts as failed (and is retried later)."""
+    ca_file: Path | None = None
+    """CAs that sign the REDCap server's certificate (default: the system's)."""
+    write_incoming: bool = True
+    """Write a record for every received study (and its series) so that project admins see
+    arrived studies in REDCap, as MMIV FIONA does. The record holds the study's PatientID and
+    PatientName: REDCap must be protected like FIONA's own database."""
+    max_backoff_seconds: Annotated[float, Field(gt=0, le=86400)] = 900.0
+    """Longest wait between two polls while REDCap fails (timeouts, 5xx, garbled answers)."""
+
+    _ca = field_validator("ca_file")(_existing_file)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL of the REDCap API, e.g. https://host/api/")
+        if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError("use https: the API token would travel in clear over http")
+        return value
+
+    @field_validator("token_file")
+    @classmethod
+    def _token_file(cls, value: Path) -> Path:
+        read_token(value)
+        return value
+
+
 class RequestsConfig(_Frozen):
     """Where transfer requests come from.
 
     ``table`` (the default): FIONA's own ``transfer_requests`` table, filled by ``fiona request
     add``/``import`` (and later the web interface); the forwarder looks at it every
-    ``forwarding.poll_seconds``. (A REDCap source is planned: issue 5.)
+    ``forwarding.poll_seconds``. ``redcap``: a REDCap project, read every ``poll_seconds``
+    (requests land in the same table; FIONA writes their status back).
     """
 
-    source: Literal["table"] = "table"
+    source: Literal["table", "redcap"] = "table"
     poll_seconds: Annotated[float, Field(gt=0, le=86400)] = 10.0
     """How often an external source is read (unused by ``table``, which is local)."""
+    redcap: RedcapConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _redcap_section(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if data.get("source") == "redcap":
+            if data.get("redcap") is None:
+                raise ValueError("source redcap needs a redcap: {url, token_file} section")
+            return {"poll_seconds": 60.0, **data}  # a remote server: once a minute
+        if data.get("redcap") is not None:
+            raise ValueError("a redcap section is only read with source: redcap")
+        return data
+
+
+_TOKEN = re.compile(r"[0-9A-Fa-f]{32}|[0-9A-Fa-f]{64}")
+
+
+def read_token(path: Path) -> str:
+    """A REDCap API token from *path* (the value never appears in an error)."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not ASCII text"
+        raise ValueError(f"cannot read token_file {path}: {reason or exc}") from None
+    if mode & 0o007:
+        raise ValueError(f"token_file {path} is readable by other users: chmod 600 it")
+    if not _TOKEN.fullmatch(text):
+        raise ValueError(f"token_file {path} does not hold a REDCap API token (32 hex digits)")
+    return text
+
+
+class RoutingConfig(_Frozen):
+    """Routing of stable studies to projects (besides project AE titles)."""
+
+    rules_file: Path | None = None
+    """The routing rules (``rules/routing.yaml``); read at start-up and on SIGHUP."""
+    coupling_expire_days: Annotated[int, Field(ge=1, le=36500)] = 90
+    """Coupling-list entries older than this no longer assign studies."""
+    unassigned_retention_days: Annotated[int, Field(ge=1, le=36500)] | None = None
+    """Delete studies no request ever named this many days after their last instance (after
+    the warning period). ``null`` (the default): keep them until someone decides."""
+    retention_warning_days: Annotated[int, Field(ge=1, le=3650)] = 7
+    """Announce each deletion (audit row, log line) at least this long before it happens."""
+
+    @model_validator(mode="after")
+    def _warning_inside_retention(self) -> RoutingConfig:
+        days = self.unassigned_retention_days
+        if days is not None and self.retention_warning_days >= days:
+            raise ValueError("retention_warning_days must be shorter than the retention")
+        return self
 
 
 class FionaConfig(_Frozen):
@@ -406,6 +525,7 @@ class FionaConfig(_Frozen):
     destinations: dict[str, DestinationConfig] = {}
     forwarding: ForwardingConfig = ForwardingConfig()
     requests: RequestsConfig = RequestsConfig()
+    routing: RoutingConfig = RoutingConfig()
 
     @field_validator("destinations")
     @classmethod
@@ -447,6 +567,30 @@ class FionaConfig(_Frozen):
                     )
                 seen[aet] = f"project {name}"
         return self
+
+    @model_validator(mode="after")
+    def _unique_numbers(self) -> FionaConfig:
+        seen: dict[str, str] = {}
+        for name, project in self.projects.items():
+            if project.number is None:
+                continue
+            if project.number in seen:
+                raise ValueError(
+                    f"project number {project.number} of {name} is also {seen[project.number]}'s"
+                )
+            if project.number in self.projects:
+                raise ValueError(f"project number {project.number} is also a project id")
+            seen[project.number] = name
+        return self
+
+    def project_id(self, name_or_number: str) -> str | None:
+        """The id of the project called *name_or_number* (its id or its number), or None."""
+        if name_or_number in self.projects:
+            return name_or_number
+        for name, project in self.projects.items():
+            if project.number is not None and project.number == name_or_number:
+                return name
+        return None
 
     @property
     def accepted_called_ae_titles(self) -> frozenset[str]:
@@ -524,6 +668,10 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
             resolve(destination, ("path", "password_file", "ca_file"))
             if isinstance(destination, dict):
                 resolve(destination.get("tls"), tls_keys)
+    resolve(raw.get("routing"), ("rules_file",))
+    requests = raw.get("requests")
+    if isinstance(requests, dict):
+        resolve(requests.get("redcap"), ("token_file", "ca_file"))
     projects = raw.get("projects")
     if isinstance(projects, dict):
         for project in projects.values():

@@ -242,3 +242,37 @@ def import_csv(config_path: Path | None, csv_file: Path) -> None:
     with _database(config) as sessions:
         ids = import_requests(sessions, rows, utcnow(), getpass.getuser(), _node_key(config))
     click.echo(f"{len(ids)} requests added (ids {ids[0]} to {ids[-1]})")
+
+
+@request.command("sync")
+@_config_option
+def sync(config_path: Path | None) -> None:
+    """Synchronise with REDCap once, now (``requests.source: redcap``), and say what happened.
+
+    Reads new and changed requests, writes statuses back and writes Incoming records, as
+    ``fiona serve`` does at every poll. On failure it prints REDCap's own message, which the
+    service never logs (it may quote record values).
+    """
+    from fiona.audit import utcnow
+    from fiona.redcap.client import RedcapError
+    from fiona.redcap.sync import RedcapSource
+
+    config = _load(config_path)
+    if config.requests.source != "redcap":
+        _fail(f"{config.source}: requests.source is {config.requests.source}, not redcap", 2)
+    with _database(config) as sessions:
+        source = RedcapSource(config, sessions, _node_key(config), utcnow)
+        try:
+            result = source.sync()
+        except RedcapError as exc:
+            detail = f"\n  REDCap says: {exc.detail}" if exc.detail else ""
+            _fail(f"REDCap: {exc} ({exc.kind}){detail}")
+        finally:
+            source.client.close()
+    click.echo(
+        f"requests: {result.created} new, {result.changed} changed, "
+        f"{result.refused_changes} changes refused, {result.rejected} not accepted; "
+        f"statuses written: {result.written}; Incoming records written: {result.incoming}"
+    )
+    for problem in result.problems:
+        click.echo(f"  {problem}", err=True)

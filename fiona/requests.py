@@ -17,8 +17,8 @@ Operator actions (``fiona request …``): :func:`retry_request`, :func:`cancel_r
 A request may name its study by AccessionNumber, or by PatientID and StudyDate, instead of
 its UID: received studies keep keyed hashes of both (never the values), the request is matched
 when the study's first instance is in, and more than one match holds the request — FIONA never
-guesses. Still to come (issue 5): a REDCap source; issue 6 adds the router that creates
-requests automatically.
+guesses. :mod:`fiona.redcap` fills this table from a REDCap project (``requests.source:
+redcap``); issue 6 adds the router that creates requests automatically.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Sequence
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,11 @@ __all__ = [
     "hold_request",
     "import_requests",
     "parse_requests_csv",
+    "project_hold_reason",
+    "read_csv",
+    "record_change",
     "resend_request",
+    "restart_request",
     "retry_request",
     "study_key",
 ]
@@ -76,8 +81,12 @@ def create_request(
     accession_number: str | None = None,
     patient_id: str | None = None,
     study_date: str | None = None,
+    audit_pseudonym: bool = True,
 ) -> TransferRequest:
     """Add a ``new`` request (and its audit event) to *session*.
+
+    ``audit_pseudonym=False`` keeps the pseudonym out of the audit row (the router's, when it
+    took an incoming PatientID that does not fit the project's pattern: it may be a real one).
 
     The study is named by its StudyInstanceUID, or by AccessionNumber, or by PatientID and
     StudyDate (found when its first instance arrives; see :func:`activate_requests`).
@@ -110,7 +119,7 @@ def create_request(
             request_id=request.id,
             study_key=study_key(node_key, request),
             named_by=_named_by(request),
-            pseudonym=pseudonym,
+            pseudonym=pseudonym if audit_pseudonym else "(withheld: not a valid pseudonym)",
             event=event,
             source=source,
         )
@@ -205,8 +214,12 @@ def _stop(
 
 def hold_reason(config: FionaConfig, request: TransferRequest, today: date) -> str | None:
     """Why FIONA may not act on *request* (None: it may)."""
-    name = request.transfer_project_name
-    project = config.projects.get(name)
+    return project_hold_reason(config, request.transfer_project_name, request.transfer_name, today)
+
+
+def project_hold_reason(config: FionaConfig, name: str, pseudonym: str, today: date) -> str | None:
+    """Why data of project *name* (its id or number) under *pseudonym* would be held today."""
+    project = config.projects.get(config.project_id(name) or name)
     if project is None:
         return f"project {name!r} is not configured"
     if not project.active:
@@ -218,7 +231,7 @@ def hold_reason(config: FionaConfig, request: TransferRequest, today: date) -> s
         window = f"{approval.start or '…'} to {approval.end or '…'}"
         reference = f" ({approval.reference})" if approval.reference else ""
         return f"project {name} is outside its approval window{reference}: {window}"
-    return project.pseudonym_problem(request.transfer_name)
+    return project.pseudonym_problem(pseudonym)
 
 
 def activate_requests(
@@ -255,6 +268,9 @@ def activate_requests(
             request.updated_at = now
             ready.append(request.id)
         for request in session.scalars(open_requests).all():
+            project_id = config.project_id(request.transfer_project_name)
+            if project_id is not None and project_id != request.transfer_project_name:
+                request.transfer_project_name = project_id  # named by its number
             reason = hold_reason(config, request, now.date())
             if reason is not None:
                 hold_request(session, request, now, reason)
@@ -285,7 +301,7 @@ class RequestError(Exception):
     says why."""
 
 
-def _changed(
+def record_change(
     session: Session,
     request: TransferRequest,
     now: datetime,
@@ -293,6 +309,7 @@ def _changed(
     action: str,
     **details: Any,
 ) -> None:
+    """Audit a change of *request* by *actor* (``cancel`` is its own event type)."""
     cancelled = action == "cancel"
     session.add(
         audit_event(
@@ -305,6 +322,24 @@ def _changed(
             **details,
         )
     )
+
+
+def restart_request(
+    session: Session,
+    request: TransferRequest,
+    now: datetime,
+    actor: str,
+    status: RequestStatus,
+    action: str,
+    **details: Any,
+) -> None:
+    """Put *request* back to *status* with its errors cleared, and audit who did it and why."""
+    previous = request.status
+    request.status = status
+    request.transfer_error = None
+    request.transfer_error_message = None
+    request.updated_at = now
+    record_change(session, request, now, actor, action, previous=previous.value, **details)
 
 
 def _get(session: Session, request_id: int) -> TransferRequest:
@@ -345,11 +380,7 @@ def _retry(
         status = request.status
         if status in (RequestStatus.HELD, RequestStatus.FAILED) and request.study_id is None:
             # Never got as far as the ledger: validate and look for the study again.
-            request.status = RequestStatus.NEW
-            request.transfer_error = None
-            request.transfer_error_message = None
-            request.updated_at = now
-            _changed(session, request, now, actor, "retry", previous=status.value)
+            restart_request(session, request, now, actor, RequestStatus.NEW, "retry")
             return f"request {request_id}: {status.value} → new (checked again at the next poll)"
         if status not in (RequestStatus.FAILED, RequestStatus.PARTIAL, RequestStatus.HELD):
             raise RequestError(f"request {request_id} is {status.value}: nothing to retry")
@@ -358,12 +389,9 @@ def _retry(
         return f"request {request_id}: {count} failed deliveries are due again"
     with session_factory() as session, session.begin():
         # Failed before any delivery row existed (e.g. the profile could not be loaded).
-        request = _get(session, request_id)
-        request.status = RequestStatus.PROCESSING
-        request.transfer_error = None
-        request.transfer_error_message = None
-        request.updated_at = now
-        _changed(session, request, now, actor, "retry", previous=status.value)
+        restart_request(
+            session, _get(session, request_id), now, actor, RequestStatus.PROCESSING, "retry"
+        )
     return f"request {request_id}: {status.value} → processing (prepared again)"
 
 
@@ -391,7 +419,9 @@ def cancel_request(
             )
         )
         count = int(getattr(dropped, "rowcount", 0) or 0)
-        _changed(session, request, now, actor, "cancel", previous=previous.value, dropped=count)
+        record_change(
+            session, request, now, actor, "cancel", previous=previous.value, dropped=count
+        )
     return f"request {request_id}: cancelled ({count} pending deliveries dropped)"
 
 
@@ -418,7 +448,7 @@ def resend_request(
             date_offset_days=old.transfer_date_offset_days,
             source=f"resend of {old.id}",
         )
-        _changed(session, old, now, actor, "resend", resent_as=new.id)
+        record_change(session, old, now, actor, "resend", resent_as=new.id)
         return new.id, f"request {request_id}: sent again as request {new.id}"
 
 
@@ -460,29 +490,44 @@ def entry_problems(
         problems.append("study_date is not YYYYMMDD")
     if study_uid and not _UID.fullmatch(study_uid):
         problems.append("study_instance_uid is not a valid UID")
-    if project and project not in config.projects:
+    if project and config.project_id(project) is None:
         problems.append(f"project {project!r} is not configured")
     return problems
 
 
-def parse_requests_csv(text: str, config: FionaConfig) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows of a request CSV, and every problem found (line numbers included)."""
+def read_csv(
+    text: str, known: Sequence[str], required: Sequence[Sequence[str]]
+) -> tuple[list[tuple[int, dict[str, str]]], list[str]]:
+    """The non-empty rows of a CSV (line number, stripped values), or why its header is wrong.
+
+    *required* lists the columns that must be there, each as its alternatives (one suffices).
+    """
     reader = csv.DictReader(io.StringIO(text))
     header = [name.strip() for name in reader.fieldnames or []]
-    problems: list[str] = []
-    missing = [name for name in _REQUIRED if name not in header]
-    unknown = [name for name in header if name not in CSV_FIELDS]
+    missing = [
+        " or ".join(alternatives)
+        for alternatives in required
+        if not any(name in header for name in alternatives)
+    ]
+    unknown = [name for name in header if name not in known]
     if missing or unknown:
-        if missing:
-            problems.append(f"missing columns: {', '.join(missing)}")
+        problems = [f"missing columns: {', '.join(missing)}"] if missing else []
         if unknown:
             problems.append(f"unknown columns: {', '.join(unknown)}")
         return [], problems
-    rows: list[dict[str, Any]] = []
+    rows = []
     for line, raw in enumerate(reader, start=2):
         row = {key.strip(): (value or "").strip() for key, value in raw.items() if key}
-        if not any(row.values()):
-            continue
+        if any(row.values()):
+            rows.append((line, row))
+    return rows, []
+
+
+def parse_requests_csv(text: str, config: FionaConfig) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of a request CSV, and every problem found (line numbers included)."""
+    lines, problems = read_csv(text, CSV_FIELDS, [(name,) for name in _REQUIRED])
+    rows: list[dict[str, Any]] = []
+    for line, row in lines:
         for name in _REQUIRED:
             if not row.get(name):
                 problems.append(f"line {line}: {name} is empty")
@@ -514,7 +559,7 @@ def parse_requests_csv(text: str, config: FionaConfig) -> tuple[list[dict[str, A
                 "date_offset_days": offset,
             }
         )
-    if not rows and not problems:
+    if not lines and not problems:
         problems.append("no requests in the file")
     return rows, problems
 

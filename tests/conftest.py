@@ -102,8 +102,13 @@ def node_factory(make_server: Callable[..., FionaServer]) -> Iterator[Callable[.
         uid_scheme: str = "mmiv",
         forwarding: dict[str, Any] | None = None,
         project: dict[str, Any] | None = None,
+        requests: dict[str, Any] | None = None,
+        routing: dict[str, Any] | None = None,
     ) -> Node:
         """A started ``fiona serve`` with project BICAM sending to *destinations*."""
+        extra = {"requests": requests} if requests is not None else {}
+        if routing is not None:
+            extra["routing"] = routing
         server = make_server(
             db_url,
             destinations=destinations,
@@ -117,6 +122,7 @@ def node_factory(make_server: Callable[..., FionaServer]) -> Iterator[Callable[.
                 }
             },
             forwarding={**FAST, **(forwarding or {})},
+            **extra,
         )
         server.start()
         node = Node(server)

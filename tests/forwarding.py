@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fionatest import FionaServer, store_failures, storescu
-from peers import Orthanc, ScriptedSCP, StoreSCP
+from peers import Orthanc, ScriptedSCP, StoreSCP, poll
 from sqlalchemy import select
 
 from fiona.audit import utcnow
@@ -23,6 +23,8 @@ from fiona.db import (
 )
 from fiona.keys import load_node_key
 from fiona.requests import create_request
+
+T = TypeVar("T")
 
 FAST = {  # retries and probes in fractions of a second
     "poll_seconds": 0.2,
@@ -42,8 +44,14 @@ class Node:
         self.engine = make_engine(self.config.database.url)
         self.sessions = make_sessionmaker(self.engine)
 
-    def send(self, files: list[Path], called: str = "FIONA", extra: tuple[str, ...] = ()) -> None:
-        result = storescu(self.server.port, files, called=called, extra=extra)
+    def send(
+        self,
+        files: list[Path],
+        called: str = "FIONA",
+        extra: tuple[str, ...] = (),
+        calling: str = "STORESCU",
+    ) -> None:
+        result = storescu(self.server.port, files, called=called, calling=calling, extra=extra)
         assert result.returncode == 0 and not store_failures(result), result.stdout
 
     def request(self, study_uid: str, project: str = "BICAM", pseudonym: str = "BICAM001") -> int:
@@ -59,19 +67,23 @@ class Node:
             )
             return request.id
 
+    def until(self, what: str, check: Callable[[], T], timeout: float = 60.0) -> T:
+        """``check()`` once it is truthy; TimeoutError naming *what*, with the server's log."""
+        try:
+            return poll(check, timeout, what, interval=0.1)  # type: ignore[no-any-return]
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.server.log()}") from None
+
     def wait_request(
         self, request_id: int, *statuses: RequestStatus, timeout: float = 60.0
     ) -> TransferRequest:
-        deadline = time.monotonic() + timeout
-        while True:
+        def reached() -> TransferRequest | None:
             with self.sessions() as session:
                 request = session.get(TransferRequest, request_id)
                 assert request is not None
-                if request.status in statuses:
-                    return request
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"request {request_id} is {request.status}\n{self.server.log()}")
-            time.sleep(0.1)
+                return request if request.status in statuses else None
+
+        return self.until(f"request {request_id} to be {statuses}", reached, timeout)
 
     def ledger(self, request_id: int) -> list[Delivery]:
         with self.sessions() as session:

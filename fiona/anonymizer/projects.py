@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from fiona.anonymizer.engine import Context
 from fiona.anonymizer.profile import Profile, load_profile
@@ -24,6 +25,8 @@ class ProjectDeidentification:
     date_offset_days: int
     _secret: bytes | None
     _global_key: bytes
+    sites: Mapping[str, str] = field(default_factory=dict)
+    """Site code → name (``projects.<ID>.sites``): a request's site names ClinicalTrialSiteName."""
 
     def context(
         self,
@@ -49,7 +52,7 @@ class ProjectDeidentification:
             patient_name=patient_name,
             event=event,
             site=site,
-            site_name=site_name,
+            site_name=site_name or self.sites.get(site, ""),
         )
 
     def __repr__(self) -> str:  # never show the secrets
@@ -82,4 +85,5 @@ def project_deidentification(config: FionaConfig, project: str) -> ProjectDeiden
         date_offset_days=settings.date_offset_days,
         _secret=secret,
         _global_key=load_node_key(config.storage.path),
+        sites=dict(settings.sites),
     )

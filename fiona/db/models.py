@@ -115,6 +115,18 @@ class AuditEventType(enum.Enum):
     BREAKER_OPENED = "BREAKER_OPENED"
     BREAKER_CLOSED = "BREAKER_CLOSED"
     DELIVERY_VERIFIED = "DELIVERY_VERIFIED"
+    REQUEST_SOURCE_ALERT = "REQUEST_SOURCE_ALERT"
+    ROUTING_DECISION = "ROUTING_DECISION"
+    """Which projects a stable study went to, by which rule (or ``unassigned``)."""
+    UNASSIGNED_EXPIRING = "UNASSIGNED_EXPIRING"
+    """An unassigned study will be deleted by retention after the warning period."""
+    RETENTION_DELETED = "RETENTION_DELETED"
+    """Retention deleted an unassigned study's files and index rows."""
+    COUPLING_IMPORTED = "COUPLING_IMPORTED"
+    """Coupling-list entries were added (who, how many, for which projects)."""
+    RULES_LOADED = "RULES_LOADED"
+    """The routing rules file was (re)loaded: its path and SHA-256."""
+    """The request source (REDCap) refused FIONA (token, permissions, its project's fields)."""
 
 
 class RequestStatus(enum.Enum):
@@ -141,6 +153,9 @@ class DeliveryState(enum.Enum):
     """Acknowledged (success or warning status)."""
     FAILED = "FAILED"
     """Permanent failure (reason in ``last_error``); an operator may retry it."""
+    SKIPPED = "SKIPPED"
+    """Not sent on purpose: the project never receives this modality (``projects.<ID>.drop``);
+    the reason is in ``last_error``. Counts as done."""
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:
@@ -188,6 +203,14 @@ class Study(Base):
     patient_key: Mapped[str | None] = mapped_column(String(64), index=True)
     """Keyed hash of the PatientID (with ``study_date``: a request by patient and date)."""
     study_date: Mapped[str | None] = mapped_column(String(8))
+    incoming_written_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """When the study's "Incoming" record was last written to REDCap (``requests.source:
+    redcap``); written again when it became stable after that."""
+    routed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """When routing last decided about the study (again when it became stable after that)."""
+    retention_warned_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """When its deletion as an unassigned study was announced (``routing.
+    unassigned_retention_days``)."""
 
 
 class Series(Base):
@@ -263,6 +286,7 @@ class TransferRequest(Base):
     """
 
     __tablename__ = "transfer_requests"
+    __table_args__ = (UniqueConstraint("source", "external_ref", name="uq_request_external"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
@@ -286,9 +310,36 @@ class TransferRequest(Base):
     """Flags: ``de-identification``, ``sending``, ``held`` (comma-separated)."""
     transfer_error_message: Mapped[str | None] = mapped_column(Text)
     study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
-    source: Mapped[str] = mapped_column(String(16), default="table")
+    source: Mapped[str] = mapped_column(String(80), default="table")
+    """Who made the request: ``cli``, ``csv``, ``redcap``, ``ae-title``, ``rule:<id>``,
+    ``coupling``, ``resend of <id>``."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    external_ref: Mapped[str | None] = mapped_column(String(200))
+    """Where an external source keeps the request (REDCap: ``<record>#<repeat instance>``)."""
+    external_digest: Mapped[str | None] = mapped_column(String(64))
+    """Digest of the source's fields when last read: a change there changes it."""
+    external_synced_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """When FIONA's fields were last written back (and read back) to the source."""
+
+
+class CouplingEntry(Base):
+    """One coupling-list row: the study with this AccessionNumber (or UID) goes to a project.
+
+    The AccessionNumber is kept only as a keyed hash (node secret), like the studies' own.
+    """
+
+    __tablename__ = "coupling_entries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    accession_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    project: Mapped[str] = mapped_column(String(64))
+    pseudonym: Mapped[str] = mapped_column(String(64))
+    event: Mapped[str] = mapped_column(String(64), default="")
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 class Delivery(Base):

@@ -177,6 +177,7 @@ def _prepare_one(
             return 0
         project = config.projects.get(request.transfer_project_name)
         destinations = project.destinations if project is not None else ()
+        dropped = project.drop if project is not None else ()
         done = {
             (row[0], row[1])
             for row in session.execute(
@@ -186,10 +187,14 @@ def _prepare_one(
             )
         }
         instances = [
-            (row.id, row.path, row.sop_class_uid, row.transfer_syntax_uid)
+            (row.id, row.path, row.sop_class_uid, row.transfer_syntax_uid, row.modality)
             for row in session.execute(
                 select(
-                    Instance.id, Instance.path, Instance.sop_class_uid, Instance.transfer_syntax_uid
+                    Instance.id,
+                    Instance.path,
+                    Instance.sop_class_uid,
+                    Instance.transfer_syntax_uid,
+                    Instance.modality,
                 )
                 .where(Instance.study_id == request.study_id, Instance.file_missing.is_(False))
                 .order_by(Instance.series_id, Instance.id)
@@ -209,14 +214,38 @@ def _prepare_one(
         with session_factory() as session, session.begin():
             stored = session.get(TransferRequest, request_id)
             if stored is not None:
-                fail_request(session, stored, now, DEID_FAILED, f"configuration: {exc}")
+                fail_request(session, stored, now, "de-identification", f"configuration: {exc}")
         return 0
     context = _context(settings, request)
     kept = PreparedFiles(storage)
     rows: list[Delivery] = []
     failures: list[str] = []
     new_study: str | None = None
-    for instance_id, rel_path, sop_class, syntax in instances:
+    for instance_id, rel_path, sop_class, syntax, modality in instances:
+        if modality in dropped:  # the project never receives it: a ledger row says so
+            rows += [
+                Delivery(
+                    request_id=request_id,
+                    instance_id=instance_id,
+                    destination=name,
+                    state=DeliveryState.SKIPPED,
+                    attempts=0,
+                    last_error_class="dropped",
+                    last_error=f"modality {modality} is not forwarded for this project",
+                    next_attempt_at=now,
+                    digest="",
+                    sop_class_uid=sop_class,
+                    transfer_syntax_uid=syntax,
+                    new_study_instance_uid="",
+                    new_series_instance_uid="",
+                    new_sop_instance_uid="",
+                    created_at=now,
+                    updated_at=now,
+                )
+                for name in destinations
+                if (instance_id, name) not in done
+            ]
+            continue
         outcome_error: str | None = None
         try:
             result = anonymize_bytes((storage / rel_path).read_bytes(), settings.profile, context)
@@ -361,7 +390,11 @@ def _rollup(
             messages = sorted(set(classes.values()))[:3]
         if not delivered and not failed:
             request.status = RequestStatus.FAILED
-            request.transfer_error_message = "the study has no instances to send"
+            request.transfer_error_message = (
+                "every instance is of a modality this project does not receive"
+                if counts[DeliveryState.SKIPPED]
+                else "the study has no instances to send"
+            )
         elif failed and delivered:
             request.status = RequestStatus.PARTIAL
         elif failed:
@@ -490,9 +523,15 @@ def claim(
 
 def backoff(attempts: int, policy: ForwardingConfig, rng: Callable[[], float]) -> float:
     """Seconds before the next attempt: base · 2^(n-1), capped, times a jitter in [0.5, 1)."""
+    return exponential_delay(attempts, policy.retry_base_seconds, policy.retry_cap_seconds, rng)
+
+
+def exponential_delay(
+    attempts: int, base: float, cap: float, rng: Callable[[], float] = random.random
+) -> float:
+    """base · 2^(attempts-1), at most *cap*, times a jitter in [0.5, 1)."""
     exponent = min(max(0, attempts - 1), 40)
-    delay = min(policy.retry_cap_seconds, policy.retry_base_seconds * float(2**exponent))
-    return float(delay * (0.5 + rng() / 2))
+    return float(min(cap, base * float(2**exponent)) * (0.5 + rng() / 2))
 
 
 def record(

@@ -10,6 +10,8 @@
   consecutive batches that could not even reach the destination, senders stop trying; every
   ``breaker_probe_seconds`` one of them probes (C-ECHO, or the folder), and when it answers the
   breaker closes and everything waiting for that destination is due at once.
+* With ``requests.source: redcap``, the REDCap poll (:mod:`fiona.redcap.poller`): new
+  requests from REDCap wake the pipeline; statuses go back to REDCap at the next poll.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import structlog
 from sqlalchemy.orm import Session, sessionmaker
@@ -90,6 +93,7 @@ class Forwarder:
         self._settings_lock = threading.Lock()
         self.lease_seconds = 300.0
         self.prepared = PreparedFiles(storage)
+        self._redcap: Any = None
 
     def _sender(self, name: str) -> Sender:
         destination = self.config.destinations[name]
@@ -110,6 +114,13 @@ class Forwarder:
         for name, destination in self.config.destinations.items():
             for index in range(destination.max_associations):
                 self._spawn(f"fiona-forward-{name}-{index}", self._sender_loop, name)
+        if self.config.requests.source == "redcap":
+            from fiona.redcap.poller import RedcapPoller
+
+            self._redcap = RedcapPoller(
+                self.config, self.session_factory, self.node_key, self.clock, self.kick
+            )
+            self._redcap.start()
         log.info("forwarder started", destinations=sorted(self.config.destinations))
 
     def _spawn(self, name: str, target: Callable[..., None], *args: object) -> None:
@@ -126,6 +137,8 @@ class Forwarder:
             self._senders_wake.notify_all()
 
     def stop(self, timeout: float = 30.0) -> None:
+        if self._redcap is not None:
+            self._redcap.stop()
         self._stop.set()
         self._pipeline_wake.set()
         self._wake_senders()

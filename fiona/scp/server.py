@@ -31,6 +31,9 @@ from fiona.db import make_engine, make_sessionmaker, upgrade
 from fiona.db.models import AuditEventType
 from fiona.keys import load_node_key
 from fiona.logs import get_logger
+from fiona.router.retention import apply_retention
+from fiona.router.rules import RuleSet, load_routing_rules
+from fiona.router.service import route_stable_studies
 from fiona.scp.handlers import ScpHandlers
 from fiona.scp.index import IndexWriter
 from fiona.scp.ingest import Ingestor
@@ -127,12 +130,15 @@ class Node:
     ``fiona serve`` runs it in a process of its own instead (``forwarding.separate_process``)."""
     on_stable: Callable[[], None] | None = None
     """Called when studies became stable (``fiona serve``: wakes the forwarding process)."""
+    rules: RuleSet | None = None
+    """The routing rules (loaded from ``routing.rules_file`` at start when not given)."""
     services: NodeServices | None = None
     _server: Any = None
     _scheduler: BackgroundScheduler | None = None
     _forwarder: Any = None
     _tls_server: Any = None
     _stopped: threading.Event = field(default_factory=threading.Event)
+    _route_pending: bool = False
 
     def start(self) -> None:
         """Start everything and listen; returns once the port is open."""
@@ -209,7 +215,8 @@ class Node:
             ]
         ).result()
         reconcile(services.session_factory, services.spool, services.writer, self.clock())
-        self._sweep()
+        self.set_rules(self.rules or load_routing_rules(config))
+        self._sweep(route=True)
         interval = max(0.2, min(1.0, config.stable_after_seconds / 4))
         self._scheduler = BackgroundScheduler(timezone="UTC")
         self._scheduler.add_job(
@@ -220,6 +227,16 @@ class Node:
             coalesce=True,
             id="stability-sweep",
         )
+        if config.routing.unassigned_retention_days is not None:
+            self._scheduler.add_job(
+                self._retention,
+                "interval",
+                hours=1,
+                max_instances=1,
+                coalesce=True,
+                id="unassigned-retention",
+                next_run_time=self.clock(),
+            )
         self._scheduler.start()
         if config.destinations and self.run_forwarder:
             from fiona.forwarder.service import Forwarder
@@ -234,7 +251,37 @@ class Node:
     def port(self) -> int:
         return int(self._server.server_address[1])
 
-    def _sweep(self) -> None:
+    def set_rules(self, rules: RuleSet) -> None:
+        """Route with *rules* from now on (start-up, SIGHUP); an audit row records them."""
+        self.rules = rules
+        if self.services is None:
+            return
+        self.services.writer.add(
+            [
+                audit_event(
+                    AuditEventType.RULES_LOADED,
+                    actor="fiona",
+                    occurred_at=self.clock(),
+                    source=rules.source,
+                    sha256=rules.sha256,
+                    rules=len(rules.rules),
+                    enabled=sum(rule.enabled for rule in rules.rules),
+                )
+            ]
+        ).result()
+        log.info("routing rules loaded", source=rules.source, rules=len(rules.rules))
+
+    def _retention(self) -> None:
+        services = self.services
+        if services is None:
+            return
+        try:
+            apply_retention(services.session_factory, services.spool, self.config,
+                            services.node_key, self.clock())  # fmt: skip
+        except Exception:
+            log.exception("retention of unassigned studies failed")
+
+    def _sweep(self, route: bool = False) -> None:
         services = self.services
         if services is None:
             return
@@ -246,6 +293,13 @@ class Node:
                 self.clock(),
                 self.config.stable_after_seconds,
             )
+            if (result.studies_stable or route or self._route_pending) and self.rules is not None:
+                self._route_pending = True  # until a routing pass completes
+                route_stable_studies(
+                    services.session_factory, self.config, self.rules, services.node_key,
+                    self.clock(),
+                )  # fmt: skip
+                self._route_pending = False
             if result.studies_stable:  # requests waiting for these studies go now
                 if self._forwarder is not None:
                     self._forwarder.kick()

@@ -100,7 +100,35 @@ def test_config_is_frozen(tmp_path: Path) -> None:
             "projects.BICAM.approval",
             "end is before start",
         ),
-        ("requests: {source: redcap}\n", "requests.source", "'table'"),
+        ("requests: {source: redcap}\n", "requests", "needs a redcap"),
+        ("requests: {source: rest}\n", "requests.source", "'redcap'"),
+        (
+            "routing: {unassigned_retention_days: 5, retention_warning_days: 7}\n",
+            "routing",
+            "shorter than the retention",
+        ),
+        ("projects: {BICAM: {number: '2020-1'}}\n", "projects.BICAM.number", "P20_01"),
+        (
+            "projects: {BICAM: {number: P20_01}, OTHER: {number: P20_01}}\n",
+            "<top>",
+            "is also BICAM's",
+        ),
+        (
+            "requests: {redcap: {url: 'https://r/api/', token_file: t}}\n",
+            "requests",
+            "only read with source: redcap",
+        ),
+        (
+            "requests: {source: redcap, redcap: {url: 'http://redcap.example/api/',"
+            " token_file: t}}\n",
+            "requests.redcap.url",
+            "use https",
+        ),
+        (
+            "requests: {source: redcap, redcap: {url: 'https://r/api/', token_file: none}}\n",
+            "requests.redcap.token_file",
+            "cannot read token_file",
+        ),
         ("- a\n- b\n", "<top>", "mapping"),
         ("node: [\n", "<top>", "not valid YAML"),
     ],
@@ -186,3 +214,54 @@ def test_project_secret_file_and_profile_path_resolve_against_the_config_folder(
     project = load_config(path).projects["BICAM"]
     assert project.secret_file == path.parent / "keys" / "b.key"
     assert project.profile == str(path.parent / "mine.yaml")
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "words"),
+    [
+        ("0123456789abcdef0123456789ABCDEF\n", 0o644, "readable by other users"),
+        ("not-a-token\n", 0o600, "does not hold a REDCap API token"),
+    ],
+)
+def test_a_redcap_token_file_must_be_private_and_hold_a_token(
+    tmp_path: Path, content: str, mode: int, words: str
+) -> None:
+    token = tmp_path / "conf" / "redcap.token"
+    token.parent.mkdir()
+    token.write_text(content)
+    token.chmod(mode)
+    path = write(
+        tmp_path,
+        "requests: {source: redcap, redcap: {url: 'https://r/api/', token_file: redcap.token}}\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert words in str(info.value) and "0123456789" not in str(info.value)
+
+
+def test_a_redcap_source_polls_every_minute_unless_told(tmp_path: Path) -> None:
+    token = tmp_path / "conf" / "redcap.token"
+    token.parent.mkdir()
+    token.write_text("0123456789abcdef0123456789ABCDEF\n")
+    token.chmod(0o600)
+    redcap = "redcap: {url: 'http://127.0.0.1:8080/api/', token_file: redcap.token}"
+    config = load_config(write(tmp_path, f"requests: {{source: redcap, {redcap}}}\n"))
+    assert config.requests.poll_seconds == 60
+    assert config.requests.redcap is not None
+    assert config.requests.redcap.token_file == token.resolve()
+    config = load_config(
+        write(tmp_path, f"requests: {{source: redcap, poll_seconds: 5, {redcap}}}\n")
+    )
+    assert config.requests.poll_seconds == 5
+    assert load_config(write(tmp_path, "requests: {}\n")).requests.poll_seconds == 10
+
+
+def test_check_also_validates_the_routing_rules(tmp_path: Path) -> None:
+    rules = tmp_path / "conf" / "routing.yaml"
+    path = write(tmp_path, "routing: {rules_file: routing.yaml}\nprojects: {BICAM: {}}\n")
+    rules.write_text("rules: [{id: r, project: NOPE, match: {Modality: MR}}]\n")
+    bad = run_cli("check", "--config", str(path))
+    assert bad.returncode == 2 and "rules.0(r).project: unknown project 'NOPE'" in bad.stderr
+    rules.write_text("rules: [{id: r, project: BICAM, match: {Modality: MR}}]\n")
+    good = run_cli("check", "--config", str(path))
+    assert good.returncode == 0 and f"# {rules}: OK, 1 rules" in good.stdout

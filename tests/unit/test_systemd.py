@@ -87,6 +87,7 @@ def drop_in() -> list[Directive]:
 
 def test_runs_fiona_serve_as_dedicated_user(unit: list[Directive]) -> None:
     assert effective(unit, "Service", "ExecStart") == SHIPPED_EXEC_START
+    assert effective(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"  # rules
     assert effective(unit, "Service", "Type") in {"simple", "exec"}
     assert effective(unit, "Service", "User") == "fiona"
     assert effective(unit, "Service", "Group") == "fiona"
