@@ -40,6 +40,8 @@ from pynetdicom import (
     evt,
 )
 
+from fiona.scp.server import abort_association
+
 ORTHANC = Path("/usr/sbin/Orthanc")
 NODELAY_ENV = {"TCP_NODELAY": "1"}
 
@@ -635,7 +637,12 @@ class ScriptedSCP:
         """Stop listening and abort open associations (releases HANG answers)."""
         self._stopping.set()
         if self._ae is not None:
-            self._ae.shutdown()
+            # Not AE.shutdown(): it aborts before it stops listening, and pynetdicom's abort
+            # of a connection still waiting for its A-ASSOCIATE-RQ kills the reactor thread.
+            for server in self._ae._servers[:]:
+                server.shutdown()
+            for assoc in self._ae.active_associations:
+                abort_association(assoc)
             self._ae = None
 
     def restart(self) -> None:

@@ -41,9 +41,26 @@ from fiona.scp.recovery import reconcile
 from fiona.scp.spool import Spool
 from fiona.scp.stability import sweep
 
-__all__ = ["Node", "configure_pynetdicom", "open_node_services"]
+__all__ = ["Node", "abort_association", "configure_pynetdicom", "open_node_services"]
 
 log = get_logger(__name__)
+
+
+def abort_association(assoc: Any) -> None:
+    """Abort an acceptor association whatever state it is in.
+
+    pynetdicom cannot abort a connection whose A-ASSOCIATE-RQ has not arrived yet (state
+    Sta2): the abort request is an invalid event there and kills the association's reactor
+    thread with ``InvalidEventError``. Such a connection (a port probe, a peer that is slow to
+    speak) is closed at the transport instead, which the state machine handles (AA-5), and
+    the association thread is woken the way its ACSE timeout would (an empty answer), so it
+    ends now rather than ``acse_timeout`` later.
+    """
+    if assoc.dul.state_machine.current_state == "Sta2":
+        assoc.dul.socket.close()
+        assoc.dul.to_user_queue.put(None)
+    else:
+        assoc.abort()
 
 
 def configure_pynetdicom(spool: Spool) -> None:
@@ -327,7 +344,7 @@ class Node:
             for assoc in server.active_associations:
                 if assoc.is_established:
                     log.warning("aborting association at shutdown: grace period over")
-                assoc.abort()
+                abort_association(assoc)
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
         if self._forwarder is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,19 @@ def test_scripted_hang_trips_the_senders_dimse_timeout() -> None:
         assert "Status" not in assoc.send_c_store(CT)
         poll(lambda: assoc.is_aborted, 5, "the sender to abort")
     assert not peer.running
+
+
+def test_scripted_stop_closes_a_connection_that_never_spoke() -> None:
+    # A peer that connected but sent no A-ASSOCIATE-RQ yet (state Sta2) cannot be aborted
+    # by pynetdicom; stop() must still end it without killing the reactor thread.
+    with ScriptedSCP() as peer, socket.create_connection(("127.0.0.1", peer.port)) as silent:
+        assoc = poll(lambda: peer._ae.active_associations, 5, "the connection at the SCP")[0]
+        peer.stop()
+        silent.settimeout(5)
+        assert silent.recv(1) == b""  # closed by the SCP
+        assoc.join(5)
+        assert not assoc.is_alive()
+        assert assoc.dul.state_machine.current_state == "Sta1"
 
 
 def test_scripted_refuses_unknown_answers() -> None:

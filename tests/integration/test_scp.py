@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -372,6 +373,22 @@ def test_sigterm_finishes_in_flight_association(make_server, tmp_path: Path) -> 
     srv.start()
     assert status(srv)["instances"] == len(files)
     assert srv.stop() == 0
+
+
+def test_sigterm_with_a_silent_connection_stops_cleanly(make_server) -> None:  # type: ignore[no-untyped-def]
+    # A connection that never sent its A-ASSOCIATE-RQ (a port probe) must not hold up or
+    # break the stop: pynetdicom cannot abort it, FIONA closes it at the transport.
+    srv = make_server()
+    srv.start()
+    with socket.create_connection(("127.0.0.1", srv.port)) as silent:
+        time.sleep(0.3)  # the node accepted it and waits for the A-ASSOCIATE-RQ
+        started = time.monotonic()
+        assert srv.stop() == 0
+        assert time.monotonic() - started < 20  # not the 30 s ACSE timeout
+        silent.settimeout(5)
+        assert silent.recv(1) == b""
+    assert "Invalid event" not in srv.log()
+    assert "Traceback" not in srv.log()
 
 
 def _peak_rss_mb(pid: int) -> float:
