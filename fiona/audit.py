@@ -1,6 +1,8 @@
-"""Audit rows: the record of truth that auditors read (issue 7 chains and reports them).
+"""Audit rows: the record of truth that auditors read (``fiona audit``, ``fiona report``).
 
-Rows carry no PHI in clear: studies are named by a keyed hash (:func:`fiona.keys.keyed_hash`).
+Rows carry no PHI in clear: studies and patients are named by keyed hashes
+(:func:`fiona.keys.keyed_hash`); the link original → pseudonym lives only in the protected
+request table.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ def audit_event(
     study_key: str | None = None,
     project: str | None = None,
     request_id: int | None = None,
+    patient_key: str | None = None,
     **details: Any,
 ) -> AuditEvent:
-    """Build an audit row (not yet added to a session)."""
+    """Build an audit row (not yet added to a session); it is sealed into the hash chain
+    (:mod:`fiona.db.chain`) when its transaction commits."""
     return AuditEvent(
         occurred_at=occurred_at,
         event_type=event_type,
@@ -39,5 +43,6 @@ def audit_event(
         study_key=study_key,
         project=project,
         request_id=request_id,
+        patient_key=patient_key,
         details=details,
     )

@@ -4,6 +4,7 @@ from fiona.db.engine import make_engine, make_sessionmaker
 from fiona.db.migrate import current_revision, head_revision, upgrade
 from fiona.db.models import (
     Association,
+    AuditChainHead,
     AuditEvent,
     AuditEventType,
     Base,
@@ -22,8 +23,12 @@ from fiona.db.models import (
     TransferRequest,
 )
 
+# Installs the hooks that seal every audit row into the hash chain at commit.
+from fiona.db import chain  # noqa: F401  # isort: skip
+
 __all__ = [
     "Association",
+    "AuditChainHead",
     "AuditEvent",
     "AuditEventType",
     "Base",

@@ -29,6 +29,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "Association",
+    "AuditChainHead",
     "AuditEvent",
     "AuditEventType",
     "Base",
@@ -87,7 +88,7 @@ class InstanceState(enum.Enum):
 
 
 class AuditEventType(enum.Enum):
-    """What happened (issue 7 extends this list and chains the rows)."""
+    """What happened."""
 
     ASSOCIATION_ACCEPTED = "ASSOCIATION_ACCEPTED"
     ASSOCIATION_REJECTED = "ASSOCIATION_REJECTED"
@@ -116,6 +117,7 @@ class AuditEventType(enum.Enum):
     BREAKER_CLOSED = "BREAKER_CLOSED"
     DELIVERY_VERIFIED = "DELIVERY_VERIFIED"
     REQUEST_SOURCE_ALERT = "REQUEST_SOURCE_ALERT"
+    """The request source (REDCap) refused FIONA (token, permissions, its project's fields)."""
     ROUTING_DECISION = "ROUTING_DECISION"
     """Which projects a stable study went to, by which rule (or ``unassigned``)."""
     UNASSIGNED_EXPIRING = "UNASSIGNED_EXPIRING"
@@ -126,7 +128,10 @@ class AuditEventType(enum.Enum):
     """Coupling-list entries were added (who, how many, for which projects)."""
     RULES_LOADED = "RULES_LOADED"
     """The routing rules file was (re)loaded: its path and SHA-256."""
-    """The request source (REDCap) refused FIONA (token, permissions, its project's fields)."""
+    STUDY_RECEIVED = "STUDY_RECEIVED"
+    """The first instance of a study not held before (sender, association, patient key)."""
+    SUBJECT_FORGOTTEN = "SUBJECT_FORGOTTEN"
+    """``fiona report subject --forget`` removed a participant's originals from FIONA."""
 
 
 class RequestStatus(enum.Enum):
@@ -410,10 +415,16 @@ class DestinationState(Base):
 
 
 class AuditEvent(Base):
-    """An append-only audit row (issue 7 adds the hash chain and the reports)."""
+    """An append-only audit row, sealed into a hash chain when its transaction commits.
+
+    Rows carry no PHI in clear: studies and patients are named by keyed hashes (node secret).
+    """
 
     __tablename__ = "audit_events"
-    __table_args__ = (Index("ix_audit_events_type_time", "event_type", "occurred_at"),)
+    __table_args__ = (
+        Index("ix_audit_events_type_time", "event_type", "occurred_at"),
+        UniqueConstraint("seq", name="uq_audit_events_seq"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
@@ -423,4 +434,20 @@ class AuditEvent(Base):
     request_id: Mapped[int | None] = mapped_column(Integer)
     study_key: Mapped[str | None] = mapped_column(String(64), index=True)
     """Keyed hash of the original StudyInstanceUID, never the UID itself."""
+    patient_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    """Keyed hash of the original PatientID, where the event concerns one patient's study."""
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    seq: Mapped[int | None] = mapped_column(BigInteger)
+    """Position in the hash chain (1, 2, 3 …), set when the row's transaction commits."""
+    row_hash: Mapped[str | None] = mapped_column(String(64))
+    """SHA-256 of the previous row's ``row_hash`` and this row's content (``fiona.db.chain``)."""
+
+
+class AuditChainHead(Base):
+    """The single row (``id`` 1) holding the audit chain's last position and hash."""
+
+    __tablename__ = "audit_chain"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    row_hash: Mapped[str] = mapped_column(String(64))
