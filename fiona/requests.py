@@ -118,6 +118,7 @@ def create_request(
             project=project,
             request_id=request.id,
             study_key=study_key(node_key, request),
+            patient_key=keyed_hash(node_key, request.patient_id) if request.patient_id else None,
             named_by=_named_by(request),
             pseudonym=pseudonym if audit_pseudonym else "(withheld: not a valid pseudonym)",
             event=event,

@@ -234,7 +234,7 @@ class IndexWriter:
             return StoreOutcome.DUPLICATE
         study_key = keyed_hash(self._node_key, header.study_instance_uid)
 
-        study_id = self._study_id(session, header, now)
+        study_id = self._study_id(session, record, study_key)
         if self._due(("study", study_id), now):
             reopened = session.execute(  # type: ignore[attr-defined]  # a CursorResult
                 update(Study)
@@ -319,12 +319,14 @@ class IndexWriter:
         self._pending_touches.append((key, now))
         return True
 
-    def _study_id(self, session: Session, header: InstanceHeader, now: datetime) -> int:
+    def _study_id(self, session: Session, record: InstanceRecord, study_key: str) -> int:
+        header = record.header
         study_uid = header.study_instance_uid
         cached = self._study_ids.get(study_uid)
         if cached is not None:
             return cached
-        return self._row_id(
+        keys = study_lookup_keys(self._node_key, header)
+        row_id, created = self._row_id(
             session,
             self._study_ids,
             Study,
@@ -333,18 +335,32 @@ class IndexWriter:
             {
                 "study_instance_uid": study_uid,
                 "state": StudyState.RECEIVING,
-                "first_received_at": now,
-                "last_received_at": now,
+                "first_received_at": record.received_at,
+                "last_received_at": record.received_at,
                 "instance_count": 0,
                 "reopened_count": 0,
-                **study_lookup_keys(self._node_key, header),
+                **keys,
             },
         )
+        if created:  # links the study to its patient in the audit trail (both keyed)
+            session.add(
+                audit_event(
+                    AuditEventType.STUDY_RECEIVED,
+                    actor=record.calling_ae_title,
+                    occurred_at=record.received_at,
+                    study_key=study_key,
+                    patient_key=keys["patient_key"],
+                    association_id=record.association_id,
+                    called_ae_title=record.called_ae_title,
+                    peer_address=record.peer_address,
+                )
+            )
+        return row_id
 
     def _series_id(
         self, session: Session, study_id: int, header: InstanceHeader, now: datetime
     ) -> int:
-        return self._row_id(
+        row_id, _ = self._row_id(
             session,
             self._series_ids,
             Series,
@@ -359,6 +375,7 @@ class IndexWriter:
                 "instance_count": 0,
             },
         )
+        return row_id
 
     def _row_id(
         self,
@@ -368,17 +385,18 @@ class IndexWriter:
         uid_column: InstrumentedAttribute[str],
         uid: str,
         values: dict[str, Any],
-    ) -> int:
-        """The id of a study/series row: cached, looked up, or inserted."""
+    ) -> tuple[int, bool]:
+        """The id of a study/series row (cached, looked up, or inserted), and if inserted."""
         cached = cache.get(uid)
         if cached is not None:
-            return cached
+            return cached, False
         row_id = session.scalar(select(model.id).where(uid_column == uid))
-        if row_id is None:
+        created = row_id is None
+        if created:
             row_id = session.scalar(insert(model).values(**values).returning(model.id))
         assert row_id is not None
         self._remember(cache, uid, row_id)
-        return row_id
+        return row_id, created
 
     def _remember(self, cache: dict[str, int], uid: str, row_id: int) -> None:
         # Ids are only remembered once their transaction committed (see _commit).
