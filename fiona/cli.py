@@ -500,9 +500,12 @@ def import_(config_path: Path | None, folder: Path, called_ae: str | None, calli
 
 
 def _register() -> None:
+    from fiona.audit_cli import audit, report
     from fiona.request_cli import request
     from fiona.route_cli import coupling, route, studies
 
+    main.add_command(audit)
+    main.add_command(report)
     main.add_command(coupling)
     main.add_command(request)
     main.add_command(route)

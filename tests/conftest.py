@@ -104,8 +104,10 @@ def node_factory(make_server: Callable[..., FionaServer]) -> Iterator[Callable[.
         project: dict[str, Any] | None = None,
         requests: dict[str, Any] | None = None,
         routing: dict[str, Any] | None = None,
+        more_projects: dict[str, dict[str, Any]] | None = None,
     ) -> Node:
-        """A started ``fiona serve`` with project BICAM sending to *destinations*."""
+        """A started ``fiona serve`` with project BICAM (and *more_projects*) sending to
+        *destinations*."""
         extra = {"requests": requests} if requests is not None else {}
         if routing is not None:
             extra["routing"] = routing
@@ -119,7 +121,8 @@ def node_factory(make_server: Callable[..., FionaServer]) -> Iterator[Callable[.
                     "profile": profile,
                     "uid_scheme": uid_scheme,
                     **(project or {}),
-                }
+                },
+                **(more_projects or {}),
             },
             forwarding={**FAST, **(forwarding or {})},
             **extra,
