@@ -205,6 +205,12 @@ def subject(
             )
         except ForgetRefusedError as exc:
             _fail(f"not forgotten: {exc}", 1)
+    if config.requests.source == "redcap":
+        click.echo(
+            "REDCap's Incoming project still holds FIONA's records of these studies "
+            "(PatientID, name): delete them there.",
+            err=True,
+        )
     click.echo(
         f"forgotten: {done.studies} studies, {done.instances} instances removed from "
         f"FIONA; {done.requests} requests unlinked; the audit trail is kept",
@@ -321,3 +327,93 @@ def _report_data(result: Any) -> dict[str, Any]:
             for r in sorted(result.requests.values(), key=lambda r: r.request_id)
         ],
     }
+
+
+@report.command("tags")
+@_config_option
+@click.option("--study-uid", required=True, help="A received study (original StudyInstanceUID).")
+@click.option("--project", default=None, help="Whose profile (default: the study's request's).")
+@click.option("--pseudonym", default=None, help="Instead of the request's pseudonym.")
+@click.option("--only-kept", is_flag=True, help="Only values that survived unchanged.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def tags(
+    config_path: Path | None,
+    study_uid: str,
+    project: str | None,
+    pseudonym: str | None,
+    only_kept: bool,
+    as_json: bool,
+) -> None:
+    """De-identification audit: each series' elements, original and de-identified, side by side.
+
+    One instance per series (the first received) goes through the project's profile as the
+    forwarder would send it; every non-empty element at any depth, private ones included, is
+    listed. KEPT marks values that survived unchanged: check that none identifies anyone
+    before the project goes live. Shows original values: protected output.
+    """
+    from fiona.errors import ConfigError
+    from fiona.tag_report import Change, TagReportError, tag_report
+
+    config = _load(config_path)
+    with _database(config) as sessions, sessions() as session:
+        try:
+            chosen, series = tag_report(config, session, study_uid, project, pseudonym)
+        except TagReportError as exc:
+            _fail(str(exc), 2 if "--project" in str(exc) else 1)
+        except ConfigError as exc:
+            _fail(f"configuration error:\n{exc}", 2)
+    if as_json:
+        data = {
+            "project": chosen,
+            "study_instance_uid": study_uid,
+            "series": [
+                {
+                    "series_instance_uid": s.series_instance_uid,
+                    "modality": s.modality,
+                    "instances": s.instances,
+                    "sop_instance_uid": s.sop_instance_uid,
+                    "new_series_instance_uid": s.new_series_instance_uid,
+                    "error": s.error,
+                    "elements": [
+                        {
+                            "path": r.path,
+                            "name": r.name,
+                            "vr": r.vr,
+                            "original": r.original,
+                            "deidentified": r.deidentified,
+                            "change": r.change.value,
+                        }
+                        for r in s.rows
+                        if not only_kept or r.change == Change.KEPT
+                    ],
+                }
+                for s in series
+            ],
+        }
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        return
+    marks = {Change.KEPT: "KEPT", Change.CHANGED: "~", Change.REMOVED: "-", Change.ADDED: "+"}
+    click.echo(f"study {study_uid}, profile of project {chosen}")
+    for entry in series:
+        kept = sum(r.change == Change.KEPT for r in entry.rows)
+        click.echo(
+            f"\nseries {entry.series_instance_uid} ({entry.modality or '?'}, "
+            f"{entry.instances} instances; shown: {entry.sop_instance_uid}) -> "
+            f"{entry.new_series_instance_uid or '(refused)'}: {kept} values kept"
+        )
+        if entry.error:
+            click.echo(f"  the profile refuses this instance: {entry.error}")
+        for row in entry.rows:
+            if only_kept and row.change != Change.KEPT:
+                continue
+            line = (
+                f"  {marks[row.change]:4} {row.path:28} {row.vr:2} {row.name[:32]:32} "
+                f"{_short(row.original)} | {_short(row.deidentified)}"
+            )
+            click.echo(click.style(line, fg="yellow") if row.change == Change.KEPT else line)
+
+
+def _short(value: str | None) -> str:
+    if value is None:
+        return "(absent)"
+    return value if len(value) <= 60 else value[:57] + "..."
