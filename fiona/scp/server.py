@@ -22,13 +22,13 @@ from pydicom import config as pydicom_config
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from fiona.audit import Clock, audit_event, utcnow
 from fiona.config import FionaConfig
 from fiona.db import make_engine, make_sessionmaker, upgrade
-from fiona.db.models import AuditEventType
+from fiona.db.models import AuditChainHead, AuditEventType
 from fiona.keys import load_node_key
 from fiona.logs import get_logger
 from fiona.router.retention import apply_retention
@@ -125,6 +125,19 @@ def open_node_services(config: FionaConfig, clock: Clock = utcnow) -> NodeServic
     writer.start()
     ingestor = Ingestor(spool, writer, node_key, clock)
     return NodeServices(config, engine, session_factory, spool, node_key, writer, ingestor, clock)
+
+
+def _profile_digests(config: FionaConfig) -> dict[str, str]:
+    """Each project's de-identification profile: name → SHA-256 of its YAML."""
+    from fiona.anonymizer import load_profile
+
+    digests: dict[str, str] = {}
+    for settings in config.projects.values():
+        try:
+            digests[settings.profile] = load_profile(settings.profile).digest
+        except Exception as exc:  # noqa: BLE001  # reported by the forwarder, noted here
+            digests[settings.profile] = f"not loadable: {type(exc).__name__}"
+    return digests
 
 
 def _config_digest(config: FionaConfig) -> str:
@@ -228,9 +241,11 @@ class Node:
                     occurred_at=self.clock(),
                     source=str(config.source),
                     sha256=_config_digest(config),
+                    profiles=_profile_digests(config),
                 )
             ]
         ).result()
+        self._log_audit_head()
         reconcile(services.session_factory, services.spool, services.writer, self.clock())
         self.set_rules(self.rules or load_routing_rules(config))
         self._sweep(route=True)
@@ -243,6 +258,9 @@ class Node:
             max_instances=1,
             coalesce=True,
             id="stability-sweep",
+        )
+        self._scheduler.add_job(
+            self._log_audit_head, "interval", hours=1, coalesce=True, id="audit-chain-head"
         )
         if config.routing.unassigned_retention_days is not None:
             self._scheduler.add_job(
@@ -259,9 +277,12 @@ class Node:
             from fiona.forwarder.service import Forwarder
 
             self._forwarder = Forwarder(
-                config, services.session_factory, services.spool.root, services.node_key,
+                config,
+                services.session_factory,
+                services.spool.root,
+                services.node_key,
                 self.clock,
-            )  # fmt: skip
+            )
             self._forwarder.start()
 
     @property
@@ -293,10 +314,31 @@ class Node:
         if services is None:
             return
         try:
-            apply_retention(services.session_factory, services.spool, self.config,
-                            services.node_key, self.clock())  # fmt: skip
+            apply_retention(
+                services.session_factory,
+                services.spool,
+                self.config,
+                services.node_key,
+                self.clock(),
+            )
         except Exception:
             log.exception("retention of unassigned studies failed")
+
+    def _log_audit_head(self) -> None:
+        """Log the audit chain's head: an anchor outside the database (journald, syslog)."""
+        if self.services is None:
+            return
+        try:
+            with self.services.session_factory() as session:
+                head = session.execute(select(AuditChainHead.seq, AuditChainHead.row_hash)).one()
+            log.info(
+                "audit chain head",
+                seq=head.seq,
+                sha256=head.row_hash,
+                anchor=f"{head.seq}:{head.row_hash}",
+            )
+        except Exception:
+            log.exception("audit chain head not readable")
 
     def _sweep(self, route: bool = False) -> None:
         services = self.services
@@ -313,9 +355,12 @@ class Node:
             if (result.studies_stable or route or self._route_pending) and self.rules is not None:
                 self._route_pending = True  # until a routing pass completes
                 route_stable_studies(
-                    services.session_factory, self.config, self.rules, services.node_key,
+                    services.session_factory,
+                    self.config,
+                    self.rules,
+                    services.node_key,
                     self.clock(),
-                )  # fmt: skip
+                )
                 self._route_pending = False
             if result.studies_stable:  # requests waiting for these studies go now
                 if self._forwarder is not None:

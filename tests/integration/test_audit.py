@@ -89,8 +89,17 @@ def test_full_run_is_audited_reported_and_forgotten_without_leaking_identifiers(
             AuditEventType.CONFIGURATION_LOADED,
         ):
             assert node.audit(kind), kind
-        verified = node.server.cli("audit", "verify")
+        (loaded,) = node.audit(AuditEventType.CONFIGURATION_LOADED)
+        assert len(loaded.details["sha256"]) == 64 and len(loaded.details["profiles"]["mmiv"]) == 64
+        logged = [
+            json.loads(line)
+            for line in node.server.log().splitlines()
+            if '"audit chain head"' in line
+        ]
+        assert logged and logged[0]["seq"] >= 1  # an anchor outside the database, at start-up
+        verified = node.server.cli("audit", "verify", "--anchor", logged[0]["anchor"])
         assert verified.stdout.startswith("audit chain OK: "), verified.stdout
+        assert "1 anchors matched" in verified.stdout
         head = verified.stdout.splitlines()[1].removeprefix("head: ")
 
         # The routing log of one participant: their studies' events, and only those.
