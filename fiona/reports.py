@@ -51,7 +51,13 @@ __all__ = [
     "subject_report",
 ]
 
-OPEN_STATUSES = (RequestStatus.NEW, RequestStatus.WAITING_FOR_DATA, RequestStatus.PROCESSING)
+OPEN_STATUSES = (
+    RequestStatus.NEW,
+    RequestStatus.WAITING_FOR_DATA,
+    RequestStatus.PROCESSING,
+    RequestStatus.HELD,
+)
+"""Statuses in which a request may still send data: forgetting its subject is refused."""
 
 
 @dataclass
@@ -415,8 +421,9 @@ def forget_subject(
 
     Requests keep their project, pseudonym, new StudyInstanceUID and status; their link to
     the original study (StudyInstanceUID, AccessionNumber, PatientID) is cleared. Delivery
-    ledger rows of those requests go (the ``DELIVERED`` audit rows remain). Refused while a
-    request of the subject is still open: cancel it first.
+    ledger rows, prepared files and the outgoing quarantine of those requests go (the
+    ``DELIVERED`` audit rows remain). Refused while a request of the subject may still send
+    (new, waiting, processing, held): cancel it first.
     """
     from fiona.forwarder.prepared import PreparedFiles
 
@@ -485,6 +492,8 @@ def forget_subject(
     prepared = PreparedFiles(storage)
     for request_id in subject.request_ids:
         prepared.discard_request(request_id)
+        # De-identified bytes a destination refused, kept for an operator: the subject's too.
+        shutil.rmtree(prepared.outgoing / str(request_id), ignore_errors=True)
     return ForgetResult(len(study_ids), instances or 0, len(subject.request_ids))
 
 

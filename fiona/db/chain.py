@@ -12,6 +12,10 @@ concurrent processes append in one order and no lock is taken after it (no deadl
 content is read back from the database before it is hashed, so what is hashed is exactly what
 ``fiona audit verify`` reads later. The hook is installed on SQLAlchemy's ``Session`` class:
 no FIONA session can write an unsealed audit row.
+
+Triggers (:func:`install_guards`) make the tables append-only in the database itself: a sealed
+row cannot be changed, no row deleted, the head never moves back. They stop mistakes and
+anyone without DDL rights; the chain finds what someone with those rights does.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ __all__ = [
     "ChainBreak",
     "ChainReport",
     "content_of",
+    "install_guards",
+    "remove_guards",
     "row_digest",
     "seal",
     "verify_chain",
@@ -270,3 +276,75 @@ def verify_chain(connection: Connection, anchors: Mapping[int, str] | None = Non
     if stray is not None:
         return report(ChainBreak(None, stray, "written outside the chain (no seq)"))
     return report(None)
+
+
+# -- append-only guards ----------------------------------------------------------------------
+
+_SQLITE_GUARDS = (
+    """CREATE TRIGGER fiona_audit_no_delete BEFORE DELETE ON audit_events
+    BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END""",
+    """CREATE TRIGGER fiona_audit_no_update BEFORE UPDATE ON audit_events
+    WHEN OLD.seq IS NOT NULL
+    BEGIN SELECT RAISE(ABORT, 'audit_events is append-only: sealed rows never change'); END""",
+    """CREATE TRIGGER fiona_audit_head_forward BEFORE UPDATE ON audit_chain
+    WHEN NEW.seq < OLD.seq
+    BEGIN SELECT RAISE(ABORT, 'the audit chain head only moves forward'); END""",
+    """CREATE TRIGGER fiona_audit_head_no_delete BEFORE DELETE ON audit_chain
+    BEGIN SELECT RAISE(ABORT, 'the audit chain head is never deleted'); END""",
+)
+_SQLITE_DROP = (
+    "DROP TRIGGER IF EXISTS fiona_audit_no_delete",
+    "DROP TRIGGER IF EXISTS fiona_audit_no_update",
+    "DROP TRIGGER IF EXISTS fiona_audit_head_forward",
+    "DROP TRIGGER IF EXISTS fiona_audit_head_no_delete",
+)
+_POSTGRES_GUARDS = (
+    """CREATE FUNCTION fiona_audit_guard() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_TABLE_NAME = 'audit_events' THEN
+            IF TG_OP = 'UPDATE' AND OLD.seq IS NULL THEN
+                RETURN NEW;
+            END IF;
+            RAISE EXCEPTION 'audit_events is append-only: sealed rows never change';
+        END IF;
+        IF TG_OP = 'UPDATE' AND NEW.seq >= OLD.seq THEN
+            RETURN NEW;
+        END IF;
+        RAISE EXCEPTION 'the audit chain head only moves forward';
+    END $$""",
+    """CREATE TRIGGER fiona_audit_guard BEFORE UPDATE OR DELETE ON audit_events
+    FOR EACH ROW EXECUTE FUNCTION fiona_audit_guard()""",
+    """CREATE TRIGGER fiona_audit_no_truncate BEFORE TRUNCATE ON audit_events
+    FOR EACH STATEMENT EXECUTE FUNCTION fiona_audit_guard()""",
+    """CREATE TRIGGER fiona_audit_head_guard BEFORE UPDATE OR DELETE ON audit_chain
+    FOR EACH ROW EXECUTE FUNCTION fiona_audit_guard()""",
+    """CREATE TRIGGER fiona_audit_head_no_truncate BEFORE TRUNCATE ON audit_chain
+    FOR EACH STATEMENT EXECUTE FUNCTION fiona_audit_guard()""",
+)
+_POSTGRES_DROP = (
+    "DROP TRIGGER IF EXISTS fiona_audit_guard ON audit_events",
+    "DROP TRIGGER IF EXISTS fiona_audit_no_truncate ON audit_events",
+    "DROP TRIGGER IF EXISTS fiona_audit_head_guard ON audit_chain",
+    "DROP TRIGGER IF EXISTS fiona_audit_head_no_truncate ON audit_chain",
+    "DROP FUNCTION IF EXISTS fiona_audit_guard()",
+)
+
+
+def install_guards(connection: Connection) -> None:
+    """Make the audit tables append-only in the database itself (triggers).
+
+    Sealed audit rows cannot be updated, no audit row can be deleted (or truncated on
+    PostgreSQL), and the chain head only moves forward. Whoever can drop triggers can still
+    tamper: the hash chain is what finds that. A later SQLite migration that rebuilds
+    ``audit_events`` (``batch_alter_table``) drops the triggers: it must install them again.
+    """
+    statements = _POSTGRES_GUARDS if connection.dialect.name == "postgresql" else _SQLITE_GUARDS
+    for statement in statements:
+        connection.exec_driver_sql(statement)
+
+
+def remove_guards(connection: Connection) -> None:
+    """Drop the triggers of :func:`install_guards` (migration downgrade; tests that tamper)."""
+    statements = _POSTGRES_DROP if connection.dialect.name == "postgresql" else _SQLITE_DROP
+    for statement in statements:
+        connection.exec_driver_sql(statement)

@@ -11,6 +11,7 @@ the originals and keeps the trail, and tampering with a row makes ``fiona audit 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +24,11 @@ from pydicom import dcmread
 from sqlalchemy import select, text
 
 from fiona.db import AuditEvent, AuditEventType, RequestStatus, Study, TransferRequest
+from fiona.db.chain import remove_guards, verify_chain
+from fiona.reports import ForgetRefusedError, Subject, forget_subject, resolve_subject
+from fiona.requests import cancel_request, create_request
+from fiona.scp.ingest import ReceiveFacts
+from fiona.scp.server import NodeServices
 
 pytestmark = pytest.mark.integration
 
@@ -195,9 +201,61 @@ def test_full_run_is_audited_reported_and_forgotten_without_leaking_identifiers(
             assert target is not None
             seq = target.seq
         with node.engine.begin() as connection:
+            remove_guards(connection)  # someone with DDL rights
             connection.execute(
                 text("UPDATE audit_events SET actor = 'nobody' WHERE seq = :seq"), {"seq": seq}
             )
         broken = node.server.cli("audit", "verify", check=False)
         assert broken.returncode == 1
         assert f"BROKEN at seq {seq}," in broken.stdout
+
+
+def test_forget_is_refused_while_a_request_may_still_send(
+    services: NodeServices, tmp_path: Path
+) -> None:
+    facts = ReceiveFacts("CT01", "FIONA", "127.0.0.1", "assoc-1")
+    files = write_study(tmp_path / "s", 1, 2, patient_id=PATIENT_ID)
+    study_uid = dcmread(files[0]).StudyInstanceUID
+    for path in files:
+        tmp = services.spool.tmp / path.name
+        shutil.copyfile(path, tmp)
+        services.ingestor.ingest(tmp, facts)
+    now = services.clock()
+    with services.session_factory() as session, session.begin():
+        request_id = create_request(
+            session,
+            study_instance_uid=study_uid,
+            project="BICAM",
+            pseudonym="BICAM001",
+            requested_by="admin",
+            now=now,
+            node_key=services.node_key,
+        ).id
+
+    def subject() -> Subject:
+        with services.session_factory() as session:
+            return resolve_subject(session, services.node_key, patient_id=PATIENT_ID)
+
+    assert subject().request_ids == {request_id}
+    with pytest.raises(ForgetRefusedError, match=f"requests {request_id} are still open"):
+        forget_subject(
+            services.session_factory, services.spool.root, services.node_key, subject(), "dpo", now
+        )
+    assert (services.spool.incoming / study_uid).exists()  # nothing removed
+
+    cancel_request(services.session_factory, request_id, now, "dpo")
+    done = forget_subject(
+        services.session_factory, services.spool.root, services.node_key, subject(), "dpo", now
+    )
+    assert (done.studies, done.instances, done.requests) == (1, 2, 1)
+    assert not (services.spool.incoming / study_uid).exists()
+    patient_key = subject().patient_key
+    with services.session_factory() as session:
+        assert session.scalars(select(Study)).all() == []
+        (gone,) = session.scalars(
+            select(AuditEvent).where(AuditEvent.event_type == AuditEventType.SUBJECT_FORGOTTEN)
+        ).all()
+        assert gone.actor == "dpo" and gone.patient_key == patient_key
+        assert verify_chain(session.connection()).ok
+    # What FIONA still knows of the person: the trail, by keyed hash only.
+    assert subject().request_ids == {request_id} and subject().study_uids == set()

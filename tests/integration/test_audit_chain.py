@@ -8,11 +8,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import Engine, delete, insert, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fiona.audit import audit_event
 from fiona.db import AuditChainHead, AuditEvent, AuditEventType, make_engine, upgrade
-from fiona.db.chain import GENESIS, verify_chain
+from fiona.db.chain import GENESIS, remove_guards, verify_chain
 
 pytestmark = pytest.mark.integration
 
@@ -101,6 +102,7 @@ def test_altering_any_row_fails_verification_at_that_row(engine: Engine, column:
         "project": "OTHER",
     }
     with engine.begin() as connection:
+        remove_guards(connection)  # tampering needs DDL rights
         connection.execute(
             update(AuditEvent.__table__)
             .where(AuditEvent.__table__.c.id == target)
@@ -116,6 +118,7 @@ def test_deleting_a_row_fails_at_the_gap(engine: Engine) -> None:
     write_events(engine, 6)
     ids = row_ids(engine)
     with engine.begin() as connection:
+        remove_guards(connection)
         connection.execute(delete(AuditEvent).where(AuditEvent.id == ids[2]))
     broken = verify(engine).broken
     assert broken is not None
@@ -127,6 +130,7 @@ def test_reordering_rows_fails_at_the_first_moved_row(engine: Engine) -> None:
     write_events(engine, 6)
     ids = row_ids(engine)
     with engine.begin() as connection:  # swap positions 2 and 5, hashes and all
+        remove_guards(connection)
         connection.execute(text("UPDATE audit_events SET seq = -seq WHERE seq IN (2, 5)"))
         connection.execute(text("UPDATE audit_events SET seq = 5 WHERE seq = -2"))
         connection.execute(text("UPDATE audit_events SET seq = 2 WHERE seq = -5"))
@@ -140,6 +144,7 @@ def test_removing_the_last_rows_or_rewriting_the_chain_is_found(engine: Engine) 
     anchor = verify(engine)
     ids = row_ids(engine)
     with engine.begin() as connection:
+        remove_guards(connection)
         connection.execute(delete(AuditEvent).where(AuditEvent.id.in_(ids[3:])))
     broken = verify(engine).broken
     assert broken is not None and "head records seq 5" in broken.problem
@@ -152,6 +157,24 @@ def test_removing_the_last_rows_or_rewriting_the_chain_is_found(engine: Engine) 
     broken = verify(engine, {anchor.head_seq: anchor.head_hash}).broken
     assert broken is not None and broken.seq == 5 and "not in the chain" in broken.problem
     assert verify(engine, {3: verify(engine).head_hash}).anchors_checked == 1
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit_events SET actor = 'x' WHERE seq = 2",
+        "DELETE FROM audit_events WHERE seq = 3",
+        "DELETE FROM audit_events",
+        "UPDATE audit_chain SET seq = 1",
+        "DELETE FROM audit_chain",
+    ],
+)
+def test_the_database_refuses_changes_to_the_trail(engine: Engine, statement: str) -> None:
+    write_events(engine, 4)
+    refused = r"append-only|only moves forward|never deleted"
+    with pytest.raises(DBAPIError, match=refused), engine.begin() as connection:
+        connection.execute(text(statement))
+    assert verify(engine).ok and verify(engine).rows == 4
 
 
 def test_a_row_written_around_the_chain_is_found(engine: Engine) -> None:

@@ -1,4 +1,5 @@
-"""audit trail: hash chain (seq, row_hash, the chain head) and patient keys on audit rows
+"""audit trail: hash chain (seq, row_hash, the chain head), patient keys on audit rows, and
+triggers that make the audit tables append-only
 
 Existing audit rows are chained in id order, so that `fiona audit verify` covers them too.
 
@@ -15,7 +16,7 @@ from types import SimpleNamespace
 import sqlalchemy as sa
 from alembic import op
 
-from fiona.db.chain import GENESIS, content_of, row_digest
+from fiona.db.chain import GENESIS, content_of, install_guards, remove_guards, row_digest
 
 revision = "0007"
 down_revision = "0006"
@@ -74,6 +75,7 @@ def upgrade() -> None:
         )
         last_id = rows[-1].id
     op.bulk_insert(chain, [{"id": 1, "seq": seq, "row_hash": previous}])
+    install_guards(connection)
 
 
 def _utc(value: datetime) -> datetime:
@@ -82,6 +84,7 @@ def _utc(value: datetime) -> datetime:
 
 
 def downgrade() -> None:
+    remove_guards(op.get_bind())
     op.drop_table("audit_chain")
     with op.batch_alter_table("audit_events", schema=None) as batch_op:
         batch_op.drop_constraint("uq_audit_events_seq", type_="unique")
