@@ -105,12 +105,15 @@ def node_factory(make_server: Callable[..., FionaServer]) -> Iterator[Callable[.
         requests: dict[str, Any] | None = None,
         routing: dict[str, Any] | None = None,
         more_projects: dict[str, dict[str, Any]] | None = None,
+        stable_after_seconds: float | None = None,
     ) -> Node:
         """A started ``fiona serve`` with project BICAM (and *more_projects*) sending to
         *destinations*."""
         extra = {"requests": requests} if requests is not None else {}
         if routing is not None:
             extra["routing"] = routing
+        if stable_after_seconds is not None:
+            extra["stable_after_seconds"] = stable_after_seconds
         server = make_server(
             db_url,
             destinations=destinations,

@@ -1,9 +1,15 @@
-"""Routing stable studies: read the facts, decide, create requests, audit every decision.
+"""Routing studies: read the facts, decide, create requests, audit every decision.
 
 :func:`route_stable_studies` runs in ``fiona serve``'s primary process after each stability
-sweep that found stable studies (and at start-up). A study is routed each time it becomes
-stable — again after a late series — but a request for the same (study, project, pseudonym,
-event) is never created twice; the existing request sends the late instances itself.
+sweep that found stable studies (and at start-up). A study is routed when it becomes stable,
+and again when it becomes stable after a late series — but a request for the same (study,
+project, pseudonym, event) is never created twice; the existing request sends the late
+instances itself.
+
+:func:`route_receiving_studies` runs after every sweep: a study sent to a project's AE title
+(mode B: the sender chose the project) is routed at its first instance, so that its request
+streams the study to the destinations while it still arrives. Other studies wait for
+stability (a coupling list or a request may still come).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from pathlib import Path
 import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import select, update
+from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from fiona.audit import audit_event
@@ -28,7 +34,14 @@ from fiona.router.coupling import coupling_for
 from fiona.router.decide import Decision, Routing, StudyFacts, decide
 from fiona.router.rules import RuleSet
 
-__all__ = ["DatasetHeader", "Outcome", "route_stable_studies", "route_study", "study_facts"]
+__all__ = [
+    "DatasetHeader",
+    "Outcome",
+    "route_receiving_studies",
+    "route_stable_studies",
+    "route_study",
+    "study_facts",
+]
 
 log = structlog.get_logger("fiona.router")
 
@@ -93,7 +106,10 @@ def route_stable_studies(
                 select(Study.id)
                 .where(
                     Study.state == StudyState.STABLE,
-                    Study.routed_at.is_(None) | (Study.stable_at > Study.routed_at),
+                    # never routed, or stable again after a late series since it was routed
+                    # (a study routed while it arrived is not routed again at stability)
+                    Study.routed_at.is_(None)
+                    | ((Study.stable_at > Study.routed_at) & (Study.reopened_count > 0)),
                 )
                 .order_by(Study.id)
                 .limit(BATCH)
@@ -103,6 +119,35 @@ def route_stable_studies(
             created += sum(1 for o in outcomes if o.request_id is not None and not o.existed)
         if len(ids) < BATCH:
             return created
+
+
+def route_receiving_studies(
+    session_factory: sessionmaker[Session],
+    config: FionaConfig,
+    rules: RuleSet,
+    node_key: bytes,
+    now: datetime,
+) -> int:
+    """Route studies still arriving that were sent to a project's AE title; returns requests."""
+    titles = sorted({title for p in config.projects.values() for title in p.ae_titles})
+    if not titles:
+        return 0
+    with session_factory() as session:
+        ids = session.scalars(
+            select(Study.id)
+            .where(
+                Study.state == StudyState.RECEIVING,
+                Study.routed_at.is_(None),
+                exists().where(Instance.study_id == Study.id, Instance.called_ae_title.in_(titles)),
+            )
+            .order_by(Study.id)
+            .limit(BATCH)
+        ).all()
+    created = 0
+    for study_id in ids:
+        outcomes = route_study(session_factory, config, rules, node_key, now, study_id)
+        created += sum(1 for o in outcomes if o.request_id is not None and not o.existed)
+    return created
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from fiona.keys import load_node_key
 from fiona.logs import get_logger
 from fiona.router.retention import apply_retention
 from fiona.router.rules import RuleSet, load_routing_rules
-from fiona.router.service import route_stable_studies
+from fiona.router.service import route_receiving_studies, route_stable_studies
 from fiona.scp.handlers import ScpHandlers
 from fiona.scp.index import IndexWriter
 from fiona.scp.ingest import Ingestor
@@ -362,6 +362,11 @@ class Node:
                     self.clock(),
                 )
                 self._route_pending = False
+            streaming = self.rules is not None and route_receiving_studies(
+                services.session_factory, self.config, self.rules, services.node_key, self.clock()
+            )
+            if streaming and self._forwarder is not None:  # these requests stream the study
+                self._forwarder.kick()
             if result.studies_stable:  # requests waiting for these studies go now
                 if self._forwarder is not None:
                     self._forwarder.kick()

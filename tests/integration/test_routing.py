@@ -131,6 +131,28 @@ def test_studies_go_by_project_ae_title_or_rule_and_the_rest_wait_unassigned(
         assert "12345678901" not in shown
 
 
+def test_a_study_sent_to_a_project_ae_title_streams_before_it_is_stable(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    with Orthanc(tmp_path / "pacs") as pacs:
+        node = node_factory({"research-pacs": dicom_destination(pacs)}, stable_after_seconds=120)
+        streamed = write_study(tmp_path / "a", 1, 3, patient_id="BICAM003")
+        waiting = write_study(tmp_path / "b", 1, 2, patient_id="BICAM004")
+        node.send(streamed, called="BICAM")
+        node.send(waiting, calling="CT1")  # no project AE title: decided once stable
+        uid = dcmread(streamed[0]).StudyInstanceUID
+        request = request_of(node, uid)
+        assert (request.source, request.transfer_name) == ("ae-title", "BICAM003")
+        assert pacs.wait_for_instances(3) == 3  # delivered while the study still arrives
+        with node.sessions() as session:
+            states = dict(session.execute(select(Study.study_instance_uid, Study.state)).all())
+            requests = session.scalars(select(TransferRequest)).all()
+        assert set(states.values()) == {StudyState.RECEIVING}
+        assert [r.study_instance_uid for r in requests] == [uid]
+        (decision,) = node.audit(AuditEventType.ROUTING_DECISION)
+        assert decision.details["decisions"][0]["origin"] == "ae-title"
+
+
 def test_coupling_list_assigns_studies_before_and_after_they_arrive_and_replay_catches_up(
     tmp_path: Path, node_factory: Callable[..., Node]
 ) -> None:
