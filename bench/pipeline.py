@@ -5,11 +5,10 @@
 ``fiona serve`` (subprocess, SQLite, spool in a temporary folder, a free port,
 ``stable_after_seconds`` = ``--stable-after``) with one project ``BICAM`` (``profile: mmiv``,
 ``uid_scheme: mmiv``) whose one destination is that Orthanc. The corpus (one study, synthetic
-CT, 512x512 16-bit) is sent with ``/usr/bin/storescu`` to FIONA's node AE title; right after
-``storescu`` starts, a transfer request for the study is added through FIONA's own API
-(:func:`fiona.requests.create_request`) on FIONA's database: nothing routes a study to a
-project by itself yet (issue 6), so the request stands in for the router. FIONA forwards the
-study once it is stable. Measured:
+CT, 512x512 16-bit) is sent with ``/usr/bin/storescu`` to the project's AE title ``BICAM``
+(``projects.BICAM.ae_titles``, mode B): FIONA's router creates the transfer request at the
+study's first instance (the incoming PatientID is the pseudonym) and the request streams the
+study to Orthanc while it arrives; the request completes once the study is stable. Measured:
 
 * ``send``: storescu's start to its last C-STORE response (FIONA acknowledged the last
   instance);
@@ -94,7 +93,8 @@ from receive import (  # noqa: E402
 HOST = "127.0.0.1"
 NODE_AE = "FIONA"
 PROJECT = "BICAM"
-PSEUDONYM = "BICAM0001"
+PROJECT_AE = "BICAM"  # the called AE title that routes to the project (mode B)
+PSEUDONYM = "BENCH0001"  # the corpus' PatientID: mode B keeps it as the pseudonym
 DESTINATION = "research-pacs"
 TARGET_RATIO = 0.5  # issue 4: end-to-end throughput >= 0.5x straight to Orthanc
 LATENCY_SLACK_S = 10.0  # issue 4: latency <= stable_after_seconds + 10 s for 500 instances
@@ -210,6 +210,7 @@ class FionaServe:
             "  level: INFO\n"
             "projects:\n"
             f"  {PROJECT}:\n"
+            f"    ae_titles: [{PROJECT_AE}]\n"
             "    profile: mmiv\n"
             "    uid_scheme: mmiv\n"
             f"    destinations: [{DESTINATION}]\n"
@@ -272,26 +273,29 @@ class FionaServe:
         return code
 
 
-def add_request(server: FionaServe, study_uid: str) -> int:
-    """The transfer request the router (issue 6) would create: FIONA's API, FIONA's database."""
-    from fiona.audit import utcnow
-    from fiona.db import make_engine, make_sessionmaker
-    from fiona.keys import load_node_key
-    from fiona.requests import create_request
+def routed_request(server: FionaServe, study_uid: str, timeout: float) -> int:
+    """The transfer request FIONA's router made for the study (at its first instance)."""
+    from sqlalchemy import select
+
+    from fiona.db import TransferRequest, make_engine
 
     engine = make_engine(server.db_url)
+    deadline = time.monotonic() + timeout
     try:
-        with make_sessionmaker(engine)() as session, session.begin():
-            request = create_request(
-                session,
-                study_instance_uid=study_uid,
-                project=PROJECT,
-                pseudonym=PSEUDONYM,
-                requested_by="bench",
-                now=utcnow(),
-                node_key=load_node_key(server.storage),
-            )
-            return int(request.id)
+        while True:
+            with engine.connect() as conn:
+                found = conn.execute(
+                    select(TransferRequest.id, TransferRequest.source).where(
+                        TransferRequest.study_instance_uid == study_uid
+                    )
+                ).first()
+            if found is not None:
+                if found.source != "ae-title":
+                    raise RuntimeError(f"request made by {found.source!r}, not the AE title")
+                return int(found.id)
+            if time.monotonic() > deadline:
+                raise RuntimeError("FIONA's router made no request for the study")
+            time.sleep(0.05)
     finally:
         engine.dispose()
 
@@ -485,8 +489,8 @@ def run_fiona(
         server = FionaServe(workdir, args, pacs.dicom_port, fiona_src)
         cpu0 = cpu_times(server.proc.pid)
         o_cpu0 = cpu_times(pacs.pid)
-        scu = StoreSCU(files, server.port, NODE_AE)
-        request_id = add_request(server, study_uid)
+        scu = StoreSCU(files, server.port, PROJECT_AE)
+        request_id = routed_request(server, study_uid, args.send_timeout)
         sent = scu.wait(args.send_timeout)
         cpu1 = cpu_times(server.proc.pid)
         problems += sent.errors
@@ -838,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
         fiona_src, commit = export_rev(args.fiona_rev, args.scratch)
         fiona_tree = f"{commit} (export of {args.fiona_rev})"
     if fiona_src is not None:
-        sys.path.insert(0, str(fiona_src))  # add_request/ledger_facts use the same package
+        sys.path.insert(0, str(fiona_src))  # routed_request/ledger_facts use the same package
     import fiona
 
     print(f"fiona: {fiona_tree}, package {Path(fiona.__file__).parent}", file=sys.stderr)

@@ -34,6 +34,7 @@ from fiona.db import (
     Study,
     TransferRequest,
 )
+from fiona.db.chain import PLAIN_FIELDS
 from fiona.keys import keyed_hash
 
 __all__ = [
@@ -194,12 +195,7 @@ def event_record(row: AuditEvent) -> dict[str, Any]:
         "seq": row.seq,
         "occurred_at": row.occurred_at.isoformat(),
         "event": row.event_type.value,
-        "actor": row.actor,
-        "project": row.project,
-        "request_id": row.request_id,
-        "study_key": row.study_key,
-        "patient_key": row.patient_key,
-        "details": row.details,
+        **{name: getattr(row, name) for name in PLAIN_FIELDS},
     }
 
 

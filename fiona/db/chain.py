@@ -35,6 +35,7 @@ from fiona.db.models import AuditChainHead, AuditEvent
 
 __all__ = [
     "GENESIS",
+    "PLAIN_FIELDS",
     "ChainBreak",
     "ChainReport",
     "content_of",
@@ -47,6 +48,8 @@ __all__ = [
 
 GENESIS = "0" * 64
 """The "previous hash" of the first row."""
+PLAIN_FIELDS = ("actor", "project", "request_id", "study_key", "patient_key", "details")
+"""Audit columns hashed (and shown) as they are stored."""
 
 _PENDING = "fiona_audit_pending"
 _CONTENT_COLUMNS = (
@@ -77,12 +80,7 @@ def content_of(row: Any, seq: int) -> str:
             "seq": seq,
             "occurred_at": occurred_at.astimezone(UTC).isoformat(timespec="microseconds"),
             "event_type": getattr(event_type, "value", event_type),
-            "actor": row.actor,
-            "project": row.project,
-            "request_id": row.request_id,
-            "study_key": row.study_key,
-            "patient_key": row.patient_key,
-            "details": row.details,
+            **{name: getattr(row, name) for name in PLAIN_FIELDS},
         },
         sort_keys=True,
         separators=(",", ":"),

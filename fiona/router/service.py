@@ -14,7 +14,7 @@ stability (a coupling list or a request may still come).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -114,9 +114,7 @@ def route_stable_studies(
                 .order_by(Study.id)
                 .limit(BATCH)
             ).all()
-        for study_id in ids:
-            outcomes = route_study(session_factory, config, rules, node_key, now, study_id)
-            created += sum(1 for o in outcomes if o.request_id is not None and not o.existed)
+        created += _route_each(session_factory, config, rules, node_key, now, ids)
         if len(ids) < BATCH:
             return created
 
@@ -143,8 +141,20 @@ def route_receiving_studies(
             .order_by(Study.id)
             .limit(BATCH)
         ).all()
+    return _route_each(session_factory, config, rules, node_key, now, ids)
+
+
+def _route_each(
+    session_factory: sessionmaker[Session],
+    config: FionaConfig,
+    rules: RuleSet,
+    node_key: bytes,
+    now: datetime,
+    study_ids: Sequence[int],
+) -> int:
+    """Route these studies; returns the requests created."""
     created = 0
-    for study_id in ids:
+    for study_id in study_ids:
         outcomes = route_study(session_factory, config, rules, node_key, now, study_id)
         created += sum(1 for o in outcomes if o.request_id is not None and not o.existed)
     return created
