@@ -503,7 +503,9 @@ def _register() -> None:
     from fiona.audit_cli import audit, report
     from fiona.request_cli import request
     from fiona.route_cli import coupling, route, studies
+    from fiona.user_cli import user
 
+    main.add_command(user)
     main.add_command(audit)
     main.add_command(report)
     main.add_command(coupling)

@@ -512,6 +512,23 @@ class RoutingConfig(_Frozen):
         return self
 
 
+class WebConfig(_Frozen):
+    """The web interface and HTTP API that ``fiona serve`` serves (``fiona/web/``)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    """Loopback by default: put a TLS reverse proxy in front to serve other machines."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    secure_cookies: bool = False
+    """Send the session cookie only over HTTPS (set it behind a TLS proxy)."""
+    session_hours: Annotated[float, Field(gt=0, le=24 * 30)] = 8.0
+    """A login lasts this long."""
+    login_attempts: Annotated[int, Field(ge=1, le=1000)] = 5
+    """Failed logins per user name and per address within ``login_window_seconds`` before
+    further attempts are refused (HTTP 429) until the window has passed."""
+    login_window_seconds: Annotated[float, Field(gt=0, le=86400)] = 300.0
+
+
 class FionaConfig(_Frozen):
     """The whole configuration, frozen. Pass it explicitly; there is no global."""
 
@@ -526,6 +543,8 @@ class FionaConfig(_Frozen):
     forwarding: ForwardingConfig = ForwardingConfig()
     requests: RequestsConfig = RequestsConfig()
     routing: RoutingConfig = RoutingConfig()
+    web: WebConfig | None = None
+    """Without a ``web:`` section (or with ``enabled: false``) no web interface is served."""
 
     @field_validator("destinations")
     @classmethod

@@ -21,6 +21,8 @@ from fiona.db.models import (
     Study,
     StudyState,
     TransferRequest,
+    User,
+    UserRole,
 )
 
 # Installs the hooks that seal every audit row into the hash chain at commit.
@@ -45,6 +47,8 @@ __all__ = [
     "Study",
     "StudyState",
     "TransferRequest",
+    "User",
+    "UserRole",
     "current_revision",
     "head_revision",
     "make_engine",

@@ -46,6 +46,8 @@ __all__ = [
     "StudyState",
     "TransferRequest",
     "UTCDateTime",
+    "User",
+    "UserRole",
 ]
 
 UID = String(64)
@@ -132,6 +134,25 @@ class AuditEventType(enum.Enum):
     """The first instance of a study not held before (sender, association, patient key)."""
     SUBJECT_FORGOTTEN = "SUBJECT_FORGOTTEN"
     """``fiona report subject --forget`` removed a participant's originals from FIONA."""
+    USER_CHANGED = "USER_CHANGED"
+    """A web/API user was added or changed (name, role, projects; never the password)."""
+    LOGIN = "LOGIN"
+    """A user logged in to the web interface (name, address)."""
+    LOGIN_FAILED = "LOGIN_FAILED"
+    """A failed or refused login (the name tried, address, why)."""
+    LOGOUT = "LOGOUT"
+    """A user logged out."""
+
+
+class UserRole(enum.Enum):
+    """What a web/API user may do (``fiona user add --role``)."""
+
+    ADMIN = "admin"
+    """Everything, configuration views and user management included."""
+    PROJECT = "project"
+    """Requests and studies of their own projects only."""
+    AUDITOR = "auditor"
+    """Read-only: the audit log and the reports."""
 
 
 class RequestStatus(enum.Enum):
@@ -451,3 +472,22 @@ class AuditChainHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger, default=0)
     row_hash: Mapped[str] = mapped_column(String(64))
+
+
+class User(Base):
+    """A person (or script) using the web interface and the HTTP API."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[UserRole] = mapped_column(_enum(UserRole))
+    projects: Mapped[list[str]] = mapped_column(JSON, default=list)
+    """The projects a ``project`` user works on (empty for the other roles)."""
+    password_hash: Mapped[str] = mapped_column(Text)
+    """Argon2id (``argon2-cffi``), never the password."""
+    token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    """SHA-256 of the user's API token (``fiona user token``); the token itself is shown once."""
+    disabled: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -169,6 +169,7 @@ class Node:
     _tls_server: Any = None
     _stopped: threading.Event = field(default_factory=threading.Event)
     _route_pending: bool = False
+    _web: Any = None
 
     def start(self) -> None:
         """Start everything and listen; returns once the port is open."""
@@ -229,6 +230,19 @@ class Node:
             tls_port=config.node.tls.port if config.node.tls is not None else None,
             storage=str(services.spool.root),
         )
+        web = config.web
+        if not self.worker and web is not None and web.enabled:
+            from fiona.web import WebContext, create_app
+            from fiona.web.server import WebServer
+
+            context = WebContext(
+                config,
+                services.session_factory,
+                services.node_key,
+                scp_bound=lambda: not self._stopped.is_set(),
+            )
+            self._web = WebServer(create_app(context), web.host, web.port)
+            self._web.start()  # a busy port is logged; receiving DICOM goes on regardless
 
     def _start_primary_duties(self, services: NodeServices) -> None:
         """Audit the configuration, reconcile the spool, start the stability sweeper."""
@@ -383,6 +397,8 @@ class Node:
         servers = [s for s in (self._server, self._tls_server) if s is not None]
         for server in servers:
             server.shutdown()  # no new associations; running ones continue
+        if self._web is not None:
+            self._web.stop()
         deadline = time.monotonic() + grace_seconds
         # Only established associations are in flight; a connection still waiting for
         # its A-ASSOCIATE-RQ (a port probe, say) is not worth waiting acse_timeout for.

@@ -1,0 +1,282 @@
+"""The web interface and HTTP API: logins, roles, CSRF, tokens, probes, metrics.
+
+Route tests drive the Starlette application in process (``TestClient``) over a real migrated
+database (SQLite and PostgreSQL); the last test logs in to a running ``fiona serve``.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from fionatest import FionaServer, free_port, write_config
+from peers import poll
+from sqlalchemy import select
+from starlette.testclient import TestClient
+
+from fiona.audit import utcnow
+from fiona.config import load_config
+from fiona.db import AuditEvent, AuditEventType, RequestStatus, TransferRequest, UserRole
+from fiona.requests import create_request
+from fiona.scp.server import NodeServices, open_node_services
+from fiona.web import WebContext, create_app
+from fiona.web.auth import add_user, issue_token
+
+pytestmark = pytest.mark.integration
+
+PASSWORD = "correct horse battery"
+PROJECTS = {
+    "BICAM": {"profile": "mmiv", "uid_scheme": "mmiv"},
+    "HEART": {"profile": "mmiv", "uid_scheme": "mmiv"},
+}
+BICAM_UID = "1.2.826.0.1.3680043.8.498.111"
+HEART_UID = "1.2.826.0.1.3680043.8.498.222"
+
+
+@pytest.fixture
+def node(tmp_path: Path, db_url: str) -> Iterator[NodeServices]:
+    config = load_config(
+        write_config(
+            tmp_path / "node",
+            db_url,
+            projects=PROJECTS,
+            web={"login_attempts": 3, "login_window_seconds": 60},
+        )
+    )
+    services = open_node_services(config)
+    now = utcnow()
+    with services.session_factory() as session, session.begin():
+        for name, role, projects in (
+            ("ada", UserRole.ADMIN, ()),
+            ("pia", UserRole.PROJECT, ("BICAM",)),
+            ("aud", UserRole.AUDITOR, ()),
+        ):
+            add_user(session, name, role, projects, PASSWORD, "test", now, sorted(PROJECTS))
+        for uid, project, pseudonym in (
+            (BICAM_UID, "BICAM", "BICAM001"),
+            (HEART_UID, "HEART", "HEART001"),
+        ):
+            create_request(
+                session,
+                study_instance_uid=uid,
+                project=project,
+                pseudonym=pseudonym,
+                requested_by="test",
+                now=now,
+                node_key=services.node_key,
+            )
+    try:
+        yield services
+    finally:
+        services.close()
+
+
+@pytest.fixture
+def client(node: NodeServices) -> Iterator[TestClient]:
+    app = create_app(WebContext(node.config, node.session_factory, node.node_key))
+    with TestClient(app, base_url="http://127.0.0.1", follow_redirects=False) as test_client:
+        yield test_client
+
+
+def csrf_of(client: TestClient, path: str = "/login") -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', client.get(path).text)
+    assert found, f"no CSRF token on {path}"
+    return found.group(1)
+
+
+def login(client: TestClient, name: str, password: str = PASSWORD) -> int:
+    response = client.post(
+        "/login", data={"name": name, "password": password, "csrf": csrf_of(client)}
+    )
+    return response.status_code
+
+
+def audit_rows(node: NodeServices, kind: AuditEventType) -> list[AuditEvent]:
+    with node.session_factory() as session:
+        return list(session.scalars(select(AuditEvent).where(AuditEvent.event_type == kind)))
+
+
+def request_ids(node: NodeServices) -> dict[str, int]:
+    with node.session_factory() as session:
+        return {r.transfer_project_name: r.id for r in session.scalars(select(TransferRequest))}
+
+
+def test_every_page_needs_a_login_and_logins_are_audited(
+    client: TestClient, node: NodeServices
+) -> None:
+    assert client.get("/").headers["location"] == "/login"
+    assert client.get("/api/requests").status_code == 401
+    assert client.get("/api/requests").json() == {"error": "log in first"}
+    assert login(client, "ada", "wrong password here") == 401
+    assert login(client, "nobody", PASSWORD) == 401
+    assert login(client, "ada") == 303
+    page = client.get("/")
+    assert page.status_code == 200 and "Dashboard" in page.text and "listening" in page.text
+    cookie = client.cookies.get("fiona_session")
+    assert cookie
+    set_cookie = client.post(
+        "/login", data={"name": "ada", "password": PASSWORD, "csrf": csrf_of(client)}
+    ).headers["set-cookie"]
+    assert "httponly" in set_cookie.lower() and "samesite=strict" in set_cookie.lower()
+    assert client.post("/logout", data={"csrf": csrf_of(client, "/")}).status_code == 303
+    assert client.get("/").status_code == 303  # logged out
+    failed = audit_rows(node, AuditEventType.LOGIN_FAILED)
+    assert [row.details["user"] for row in failed] == ["ada", "nobody"]
+    assert all(
+        "password" not in str(row.details).lower().replace("wrong name or password", "")
+        for row in failed
+    )
+    assert len(audit_rows(node, AuditEventType.LOGIN)) == 2
+    (logout,) = audit_rows(node, AuditEventType.LOGOUT)
+    assert logout.details["user"] == "ada"
+
+
+def test_repeated_failures_lock_the_name_out_even_with_the_right_password(
+    client: TestClient, node: NodeServices
+) -> None:
+    for _ in range(3):
+        assert login(client, "pia", "not the password") == 401
+    assert login(client, "pia") == 429
+    reasons = [row.details["reason"] for row in audit_rows(node, AuditEventType.LOGIN_FAILED)]
+    assert reasons[-1] == "too many failed attempts"
+    assert login(client, "ada") == 429  # the same address is throttled too
+
+
+def test_changes_need_the_csrf_token(client: TestClient, node: NodeServices) -> None:
+    assert client.post("/login", data={"name": "ada", "password": PASSWORD}).status_code == 403
+    assert login(client, "ada") == 303
+    ids = request_ids(node)
+    refused = client.post(f"/requests/{ids['BICAM']}/cancel", data={"csrf": "forged"})
+    assert refused.status_code == 403 and "CSRF" in refused.text
+    refused_api = client.post(f"/api/requests/{ids['BICAM']}/cancel")
+    assert refused_api.status_code == 403
+    token = csrf_of(client, "/requests")
+    done = client.post(f"/requests/{ids['BICAM']}/cancel", data={"csrf": token})
+    assert done.status_code == 303
+    with node.session_factory() as session:
+        cancelled = session.get(TransferRequest, ids["BICAM"])
+        assert cancelled is not None and cancelled.status == RequestStatus.CANCELLED
+    (row,) = audit_rows(node, AuditEventType.REQUEST_CANCELLED)
+    assert row.actor == "ada"
+
+
+def test_a_project_user_sees_and_changes_only_their_projects(
+    client: TestClient, node: NodeServices
+) -> None:
+    assert login(client, "pia") == 303
+    listed = client.get("/api/requests").json()
+    assert [r["project"] for r in listed] == ["BICAM"]
+    page = client.get("/requests").text
+    assert "BICAM001" in page and "HEART001" not in page
+    ids = request_ids(node)
+    token = csrf_of(client, "/requests")
+    assert client.post(f"/requests/{ids['HEART']}/cancel", data={"csrf": token}).status_code == 403
+    assert client.post(f"/requests/{ids['BICAM']}/cancel", data={"csrf": token}).status_code == 303
+    events = client.get("/api/audit").json()
+    assert events and {e["project"] for e in events} == {"BICAM"}
+    assert client.get("/api/audit", params={"project": "HEART"}).json() == events
+
+
+def test_an_auditor_reads_everything_and_changes_nothing(
+    client: TestClient, node: NodeServices
+) -> None:
+    assert login(client, "aud") == 303
+    assert {r["project"] for r in client.get("/api/requests").json()} == {"BICAM", "HEART"}
+    ids = request_ids(node)
+    token = csrf_of(client, "/requests")
+    refused = client.post(f"/requests/{ids['HEART']}/cancel", data={"csrf": token})
+    assert refused.status_code == 403 and "read-only" in refused.text
+    audit = client.get("/audit", params={"verify": "1"})
+    assert audit.status_code == 200 and "Hash chain intact" in audit.text
+    exported = client.get("/audit", params={"csv": "1"})
+    assert exported.headers["content-type"].startswith("text/csv")
+    assert exported.text.splitlines()[0].startswith("seq,occurred_at,event,actor")
+    assert "REQUEST_CREATED" in exported.text
+    with node.session_factory() as session:
+        statuses = {r.status for r in session.scalars(select(TransferRequest))}
+    assert statuses == {RequestStatus.NEW}
+
+
+def test_scripts_use_a_bearer_token(client: TestClient, node: NodeServices) -> None:
+    with node.session_factory() as session, session.begin():
+        token = issue_token(session, "pia", "test", utcnow())
+    headers = {"authorization": f"Bearer {token}"}
+    assert [r["project"] for r in client.get("/api/requests", headers=headers).json()] == ["BICAM"]
+    assert (
+        client.get("/api/requests", headers={"authorization": "Bearer fiona_x"}).status_code == 401
+    )
+    ids = request_ids(node)
+    cancelled = client.post(f"/api/requests/{ids['BICAM']}/cancel", headers=headers)
+    assert cancelled.status_code == 200 and "cancelled" in cancelled.json()["message"]
+    with node.session_factory() as session, session.begin():
+        token_after = issue_token(session, "pia", "test", utcnow())
+    assert client.get("/api/requests", headers=headers).status_code == 401  # replaced
+    assert client.get("/api/requests", headers={"authorization": f"Bearer {token_after}"}).json()
+    schema = client.get("/api/openapi.json").json()
+    assert "/api/requests" in schema["paths"] and "/api/audit" in schema["paths"]
+
+
+def test_probes_and_metrics_name_no_study(client: TestClient) -> None:
+    assert client.get("/healthz").text == "ok"
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"database": "ok", "scp": "ok", "disk": "ok"}
+    metrics = client.get("/metrics").text
+    assert 'fiona_requests{project="BICAM",status="new"} 1.0' in metrics
+    assert "fiona_spool_free_bytes" in metrics and "fiona_scp_listening 1.0" in metrics
+    assert BICAM_UID not in metrics and "BICAM001" not in metrics
+
+
+def test_fiona_serve_serves_the_web_interface(tmp_path: Path) -> None:
+    web_port = free_port()
+    config_path = write_config(
+        tmp_path / "node",
+        f"sqlite:///{tmp_path}/node/fiona.db",
+        web={"host": "127.0.0.1", "port": web_port},
+    )
+    password = tmp_path / "password"
+    password.write_text(PASSWORD + "\n")
+    added = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fiona",
+            "user",
+            "add",
+            "ada",
+            "--role",
+            "admin",
+            "--password-file",
+            str(password),
+            "--config",
+            str(config_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert added.returncode == 0, added.stderr
+    server = FionaServer(config_path, load_config(config_path).node.port, tmp_path / "node/spool")
+    server.start()
+    try:
+        poll(lambda: '"web interface listening"' in server.log(), 30, "the web interface")
+        base = f"http://127.0.0.1:{web_port}"
+        assert requests.get(f"{base}/healthz", timeout=10).text == "ok"
+        with requests.Session() as browser:
+            form = browser.get(f"{base}/login", timeout=10).text
+            token = re.search(r'name="csrf" value="([^"]+)"', form).group(1)  # type: ignore[union-attr]
+            done = browser.post(
+                f"{base}/login",
+                timeout=10,
+                allow_redirects=False,
+                data={"name": "ada", "password": PASSWORD, "csrf": token},
+            )
+            assert done.status_code == 303
+            assert "Dashboard" in browser.get(f"{base}/", timeout=10).text
+    finally:
+        assert server.stop() == 0
