@@ -456,8 +456,13 @@ def create_app(ctx: WebContext) -> Starlette:
     """The web application for *ctx* (``fiona serve`` runs it with uvicorn)."""
     web = ctx.config.web or WebConfig()
     secret = load_or_create_key(ctx.config.storage.path / "secrets" / "web-session.key").hex()
+    from fiona.web.studies import assign, studies_page, study_page
+
     routes: list[Any] = [
         *_login_routes(ctx),
+        Route("/studies", page(ctx, studies_page)),
+        Route("/studies/{study_id:int}", page(ctx, study_page)),
+        Route("/studies/{study_id:int}/assign", page(ctx, assign, change=True), methods=["POST"]),
         *_probe_routes(ctx),
         Route("/", page(ctx, dashboard)),
         Route("/requests", page(ctx, requests_page)),

@@ -7,6 +7,7 @@ database (SQLite and PostgreSQL); the last test logs in to a running ``fiona ser
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,15 +15,17 @@ from pathlib import Path
 
 import pytest
 import requests
-from fionatest import FionaServer, free_port, write_config
+from fionatest import FionaServer, free_port, write_config, write_study
 from peers import poll
+from pydicom import dcmread
 from sqlalchemy import select
 from starlette.testclient import TestClient
 
 from fiona.audit import utcnow
 from fiona.config import load_config
-from fiona.db import AuditEvent, AuditEventType, RequestStatus, TransferRequest, UserRole
+from fiona.db import AuditEvent, AuditEventType, RequestStatus, Study, TransferRequest, UserRole
 from fiona.requests import create_request
+from fiona.scp.ingest import ReceiveFacts
 from fiona.scp.server import NodeServices, open_node_services
 from fiona.web import WebContext, create_app
 from fiona.web.auth import add_user, issue_token
@@ -280,3 +283,74 @@ def test_fiona_serve_serves_the_web_interface(tmp_path: Path) -> None:
             assert "Dashboard" in browser.get(f"{base}/", timeout=10).text
     finally:
         assert server.stop() == 0
+
+
+def ingest_study(node: NodeServices, folder: Path, **kwargs: str) -> str:
+    files = write_study(folder, 1, 2, **kwargs)
+    facts = ReceiveFacts("CT7", "FIONA", "127.0.0.1", "assoc-web")
+    for path in files:
+        tmp = node.spool.tmp / path.name
+        shutil.copyfile(path, tmp)
+        node.ingestor.ingest(tmp, facts)
+    return str(dcmread(files[0]).StudyInstanceUID)
+
+
+def study_id_of(node: NodeServices, uid: str) -> int:
+    with node.session_factory() as session:
+        return int(session.scalars(select(Study.id).where(Study.study_instance_uid == uid)).one())
+
+
+def test_studies_mask_patients_for_all_but_admins_and_assign_creates_a_request(
+    client: TestClient, node: NodeServices, tmp_path: Path
+) -> None:
+    free = ingest_study(node, tmp_path / "free", patient_id="PAT123456", patient_name="Doe^Jane")
+    heart = ingest_study(node, tmp_path / "heart", patient_id="PAT999888", patient_name="Roe^Rick")
+    with node.session_factory() as session, session.begin():
+        create_request(
+            session,
+            study_instance_uid=heart,
+            project="HEART",
+            pseudonym="HEART002",
+            requested_by="test",
+            now=utcnow(),
+            node_key=node.node_key,
+        )
+
+    assert login(client, "ada") == 303
+    listed = client.get("/studies").text
+    assert "Doe^Jane" in listed and "PAT123456" in listed and "Roe^Rick" in listed
+    assert "CT7 → FIONA" in listed and "unassigned" in listed
+    detail = client.get(f"/studies/{study_id_of(node, free)}").text
+    assert "unassigned" in detail and "Assign to a project" in detail
+
+    client.cookies.clear()
+    assert login(client, "pia") == 303
+    listed = client.get("/studies").text
+    assert "D. J." in listed and "•••456" in listed
+    assert "Doe^Jane" not in listed and "PAT123456" not in listed
+    assert "R. R." not in listed  # HEART's study is not hers
+    assert client.get(f"/studies/{study_id_of(node, heart)}").status_code == 403
+    target = study_id_of(node, free)
+    token = csrf_of(client, f"/studies/{target}")
+    form = {"csrf": token, "project": "HEART", "pseudonym": "HEART009"}
+    assert client.post(f"/studies/{target}/assign", data=form).status_code == 403
+    form = {"csrf": token, "project": "BICAM", "pseudonym": "BICAM009", "event": "baseline"}
+    assert client.post(f"/studies/{target}/assign", data=form).status_code == 303
+    with node.session_factory() as session:
+        made = session.scalars(
+            select(TransferRequest).where(TransferRequest.study_instance_uid == free)
+        ).one()
+    assert (made.transfer_project_name, made.transfer_name, made.source, made.requested_by) == (
+        "BICAM",
+        "BICAM009",
+        "web",
+        "pia",
+    )
+    assert "BICAM009" in client.get(f"/studies/{target}").text
+
+    client.cookies.clear()
+    assert login(client, "aud") == 303
+    assert "D. J." in client.get("/studies").text
+    token = csrf_of(client, f"/studies/{target}")
+    form = {"csrf": token, "project": "BICAM", "pseudonym": "BICAM010"}
+    assert client.post(f"/studies/{target}/assign", data=form).status_code == 403

@@ -1,0 +1,245 @@
+"""Studies in the web interface: the list, one study's detail, and "assign to project".
+
+Patient names and IDs are not in FIONA's index; they are read from each study's first
+instance for the page. Admins see them; other roles see them masked (initials, the last
+three characters of the ID). A project user sees the studies of their projects' requests and
+the unassigned ones (to assign them), nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time
+from typing import Any
+
+from pydicom import dcmread
+from sqlalchemy import func, select
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from fiona.audit import utcnow
+from fiona.db import (
+    Delivery,
+    Instance,
+    RequestStatus,
+    Series,
+    Study,
+    StudyState,
+    TransferRequest,
+    UserRole,
+)
+from fiona.web.app import WebContext, _denied, _render
+from fiona.web.auth import WebUser
+
+__all__ = ["assign", "mask_id", "mask_name", "studies_page", "study_page"]
+
+LIST_LIMIT = 200
+
+
+def mask_name(name: str) -> str:
+    """``Doe^Jane`` → ``D. J.``"""
+    parts = [p for p in name.replace("^", " ").split() if p]
+    return " ".join(f"{p[0]}." for p in parts) or ""
+
+
+def mask_id(value: str) -> str:
+    return "•••" + value[-3:] if len(value) > 3 else "•••"
+
+
+@dataclass
+class Row:
+    study: Study
+    calling: str
+    called: str
+    patient_name: str
+    patient_id: str
+    projects: list[str]
+
+
+def _patient(ctx: WebContext, path: str | None, user: WebUser) -> tuple[str, str]:
+    if path is None:
+        return "", ""
+    try:
+        ds = dcmread(
+            ctx.config.storage.path / path,
+            stop_before_pixels=True,
+            specific_tags=["PatientName", "PatientID"],
+        )
+    except Exception:  # noqa: BLE001  # an unreadable file shows no name
+        return "?", "?"
+    name, pid = str(ds.get("PatientName", "") or ""), str(ds.get("PatientID", "") or "")
+    if user.role == UserRole.ADMIN:
+        return name, pid
+    return mask_name(name), mask_id(pid)
+
+
+def _requests_by_study(session: Any, uids: list[str]) -> dict[str, list[TransferRequest]]:
+    found: dict[str, list[TransferRequest]] = {}
+    for request in session.scalars(
+        select(TransferRequest).where(
+            TransferRequest.study_instance_uid.in_(uids),
+            TransferRequest.status != RequestStatus.CANCELLED,
+        )
+    ):
+        found.setdefault(request.study_instance_uid or "", []).append(request)
+    return found
+
+
+def _may_see(user: WebUser, requests: list[TransferRequest]) -> bool:
+    if user.role != UserRole.PROJECT:
+        return True
+    return not requests or any(r.transfer_project_name in user.projects for r in requests)
+
+
+async def studies_page(request: Request, ctx: WebContext, user: WebUser) -> Response:
+    args = request.query_params
+    query = select(Study).order_by(Study.last_received_at.desc()).limit(LIST_LIMIT)
+    if args.get("state") in ("RECEIVING", "STABLE"):
+        query = query.where(Study.state == StudyState(args["state"]))
+    try:
+        if args.get("since"):
+            since = datetime.combine(date.fromisoformat(args["since"]), time(), UTC)
+            query = query.where(Study.last_received_at >= since)
+    except ValueError:
+        return _denied(request, 400, "since: give YYYY-MM-DD")
+    rows: list[Row] = []
+    with ctx.session_factory() as session:
+        studies = list(session.scalars(query))
+        by_study = _requests_by_study(session, [s.study_instance_uid for s in studies])
+        for study in studies:
+            requests = by_study.get(study.study_instance_uid, [])
+            if not _may_see(user, requests):
+                continue
+            if args.get("unassigned") and requests:
+                continue
+            first = session.execute(
+                select(Instance.calling_ae_title, Instance.called_ae_title, Instance.path)
+                .where(Instance.study_id == study.id)
+                .order_by(Instance.id)
+                .limit(1)
+            ).first()
+            calling, called, path = first if first is not None else ("", "", None)
+            if args.get("ae") and args["ae"] not in (calling, called):
+                continue
+            name, pid = _patient(ctx, path, user)
+            projects = sorted({r.transfer_project_name for r in requests})
+            rows.append(Row(study, calling, called, name, pid, projects))
+    dates = sorted({(r.study.study_date or "")[:8] for r in rows if r.study.study_date})
+    return _render(
+        request,
+        "studies.html",
+        user,
+        rows=rows,
+        query=dict(args),
+        calendar=_calendar(dates),
+        limit=LIST_LIMIT,
+    )
+
+
+def _calendar(dates: list[str]) -> list[tuple[str, int]]:
+    """Study dates → studies per month (``YYYY-MM``), for the overview."""
+    months: dict[str, int] = {}
+    for value in dates:
+        month = f"{value[:4]}-{value[4:6]}"
+        months[month] = months.get(month, 0) + 1
+    return sorted(months.items())
+
+
+async def study_page(request: Request, ctx: WebContext, user: WebUser) -> Response:
+    from fiona.router.decide import decide
+    from fiona.router.rules import load_routing_rules
+    from fiona.router.service import study_facts
+
+    study_id = int(request.path_params["study_id"])
+    with ctx.session_factory() as session:
+        study = session.get(Study, study_id)
+        if study is None:
+            return _denied(request, 404, "no such study")
+        requests = _requests_by_study(session, [study.study_instance_uid]).get(
+            study.study_instance_uid, []
+        )
+        if not _may_see(user, requests):
+            return _denied(request, 403, "not a study of your projects")
+        series = list(
+            session.scalars(select(Series).where(Series.study_id == study.id).order_by(Series.id))
+        )
+        counts = dict(
+            session.execute(
+                select(Instance.series_id, func.count())
+                .where(Instance.study_id == study.id)
+                .group_by(Instance.series_id)
+            ).all()
+        )
+        ledger = session.execute(
+            select(Delivery.request_id, Delivery.destination, Delivery.state, func.count())
+            .where(Delivery.request_id.in_([r.id for r in requests]))
+            .group_by(Delivery.request_id, Delivery.destination, Delivery.state)
+        ).all()
+        facts = study_facts(session, study, ctx.config.storage.path)
+        first = session.scalars(
+            select(Instance.path).where(Instance.study_id == study.id).order_by(Instance.id)
+        ).first()
+    if user.role == UserRole.PROJECT:
+        requests = [r for r in requests if r.transfer_project_name in user.projects]
+    routing = None
+    if facts is not None:
+        routing = decide(facts, ctx.config, load_routing_rules(ctx.config), utcnow().date())
+    name, pid = _patient(ctx, first, user)
+    projects = sorted(user.projects if user.role == UserRole.PROJECT else ctx.config.projects)
+    return _render(
+        request,
+        "study.html",
+        user,
+        study=study,
+        series=series,
+        counts=counts,
+        requests=requests,
+        ledger=ledger,
+        routing=routing,
+        patient_name=name,
+        patient_id=pid,
+        projects=projects,
+    )
+
+
+async def assign(request: Request, ctx: WebContext, user: WebUser) -> Response:
+    """
+    summary: Assign a received study to a project (creates a transfer request).
+    responses:
+      303: {description: "created; back to the study"}
+      403: {description: "not one of the caller's projects, or a read-only role"}
+    """
+    from fiona.requests import create_request
+
+    form = await request.form()
+    project = str(form.get("project", ""))
+    pseudonym = str(form.get("pseudonym", "")).strip()
+    event = str(form.get("event", "")).strip()
+    study_id = int(request.path_params["study_id"])
+    if project not in ctx.config.projects:
+        return _denied(request, 400, "unknown project")
+    if not user.may_see_project(project):
+        return _denied(request, 403, "not one of your projects")
+    if not pseudonym:
+        return _denied(request, 400, "a pseudonym is needed")
+    with ctx.session_factory() as session, session.begin():
+        study = session.get(Study, study_id)
+        if study is None:
+            return _denied(request, 404, "no such study")
+        requests = _requests_by_study(session, [study.study_instance_uid]).get(
+            study.study_instance_uid, []
+        )
+        if not _may_see(user, requests):
+            return _denied(request, 403, "not a study of your projects")
+        create_request(
+            session,
+            study_instance_uid=study.study_instance_uid,
+            project=project,
+            pseudonym=pseudonym,
+            event=event,
+            requested_by=user.name,
+            now=utcnow(),
+            node_key=ctx.node_key,
+            source="web",
+        )
+    return RedirectResponse(f"/studies/{study_id}", status_code=303)
