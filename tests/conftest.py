@@ -106,6 +106,7 @@ def node_factory(make_server: Callable[..., FionaServer]) -> Iterator[Callable[.
         routing: dict[str, Any] | None = None,
         more_projects: dict[str, dict[str, Any]] | None = None,
         stable_after_seconds: float | None = None,
+        web: dict[str, Any] | None = None,
     ) -> Node:
         """A started ``fiona serve`` with project BICAM (and *more_projects*) sending to
         *destinations*."""
@@ -114,6 +115,8 @@ def node_factory(make_server: Callable[..., FionaServer]) -> Iterator[Callable[.
             extra["routing"] = routing
         if stable_after_seconds is not None:
             extra["stable_after_seconds"] = stable_after_seconds
+        if web is not None:
+            extra["web"] = web
         server = make_server(
             db_url,
             destinations=destinations,
