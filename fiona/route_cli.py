@@ -252,8 +252,8 @@ def coupling_import(config_path: Path | None, csv_file: Path, expire_days: int |
 
     from fiona.audit import utcnow
     from fiona.keys import load_node_key
-    from fiona.router.coupling import import_coupling, parse_coupling_csv
-    from fiona.router.service import route_study
+    from fiona.router.coupling import parse_coupling_csv
+    from fiona.router.service import import_coupling_and_route
 
     config = _load(config_path)
     rules = _routing_rules(config)
@@ -269,14 +269,11 @@ def coupling_import(config_path: Path | None, csv_file: Path, expire_days: int |
     actor = getpass.getuser()
     days = expire_days or config.routing.coupling_expire_days
     with _database(config) as sessions:
-        count, here = import_coupling(sessions, rows, utcnow(), actor, node_key, days,
-                                      hashlib.sha256(data).hexdigest())  # fmt: skip
-        created = 0
-        for study_id in here:
-            outcomes = route_study(sessions, config, rules, node_key, utcnow(), study_id,
-                                   actor=actor)  # fmt: skip
-            created += sum(1 for o in outcomes if o.request_id is not None and not o.existed)
+        count, here, created = import_coupling_and_route(
+            sessions, config, rules, node_key, rows, utcnow(), actor, days,
+            hashlib.sha256(data).hexdigest(),
+        )  # fmt: skip
     click.echo(
-        f"{count} coupling entries added (expire in {days} days); {len(here)} of their studies "
+        f"{count} coupling entries added (expire in {days} days); {here} of their studies "
         f"are already here: {created} requests created"
     )

@@ -37,6 +37,7 @@ from fiona.router.rules import RuleSet
 __all__ = [
     "DatasetHeader",
     "Outcome",
+    "import_coupling_and_route",
     "route_receiving_studies",
     "route_stable_studies",
     "route_study",
@@ -261,3 +262,30 @@ def route_study(
             .values(routed_at=now)
         )
     return outcomes
+
+
+def import_coupling_and_route(
+    session_factory: sessionmaker[Session],
+    config: FionaConfig,
+    rules: RuleSet,
+    node_key: bytes,
+    rows: list[dict[str, object]],
+    now: datetime,
+    actor: str,
+    expire_days: int,
+    file_sha256: str,
+) -> tuple[int, int, int]:
+    """Store coupling entries (all or nothing) and route the studies already here at once.
+
+    Returns (entries added, studies already here, requests created).
+    """
+    from fiona.router.coupling import import_coupling
+
+    count, here = import_coupling(session_factory, rows, now, actor, node_key, expire_days,
+                                  file_sha256)  # fmt: skip
+    created = 0
+    for study_id in here:
+        outcomes = route_study(session_factory, config, rules, node_key, now, study_id,
+                               actor=actor)  # fmt: skip
+        created += sum(1 for o in outcomes if o.request_id is not None and not o.existed)
+    return count, len(here), created

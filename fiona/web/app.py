@@ -456,10 +456,21 @@ def create_app(ctx: WebContext) -> Starlette:
     """The web application for *ctx* (``fiona serve`` runs it with uvicorn)."""
     web = ctx.config.web or WebConfig()
     secret = load_or_create_key(ctx.config.storage.path / "secrets" / "web-session.key").hex()
+    from fiona.web.actions import config_page, echo, request_action, subject_page, upload
     from fiona.web.studies import assign, studies_page, study_page
 
+    admin, readers = ("admin",), ("admin", "auditor")
     routes: list[Any] = [
         *_login_routes(ctx),
+        Route("/upload/{kind:str}", page(ctx, upload, change=True), methods=["POST"]),
+        Route("/api/upload/{kind:str}", page(ctx, upload, change=True), methods=["POST"]),
+        Route("/config", page(ctx, config_page, roles=admin)),
+        Route(
+            "/destinations/{name:str}/echo",
+            page(ctx, echo, change=True, roles=admin),
+            methods=["POST"],
+        ),
+        Route("/subject", page(ctx, subject_page, roles=readers)),
         Route("/studies", page(ctx, studies_page)),
         Route("/studies/{study_id:int}", page(ctx, study_page)),
         Route("/studies/{study_id:int}/assign", page(ctx, assign, change=True), methods=["POST"]),
@@ -478,6 +489,16 @@ def create_app(ctx: WebContext) -> Starlette:
             methods=["POST"],
         ),
         Route("/api/audit", page(ctx, api_audit)),
+        Route(
+            "/requests/{request_id:int}/{action:str}",
+            page(ctx, request_action, change=True),
+            methods=["POST"],
+        ),
+        Route(
+            "/api/requests/{request_id:int}/{action:str}",
+            page(ctx, request_action, change=True),
+            methods=["POST"],
+        ),  # after the cancel routes
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
 

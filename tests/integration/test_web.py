@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 from fionatest import FionaServer, free_port, write_config, write_study
-from peers import poll
+from peers import ScriptedSCP, poll
 from pydicom import dcmread
 from sqlalchemy import select
 from starlette.testclient import TestClient
@@ -354,3 +354,105 @@ def test_studies_mask_patients_for_all_but_admins_and_assign_creates_a_request(
     token = csrf_of(client, f"/studies/{target}")
     form = {"csrf": token, "project": "BICAM", "pseudonym": "BICAM010"}
     assert client.post(f"/studies/{target}/assign", data=form).status_code == 403
+
+
+def test_uploads_retry_resend_config_echo_and_subject_report(
+    client: TestClient, node: NodeServices, tmp_path: Path
+) -> None:
+    free = ingest_study(node, tmp_path / "free", patient_id="PAT555111", patient_name="Poe^Ann")
+    assert login(client, "pia") == 303
+    token = csrf_of(client, "/requests")
+    theirs = "transfer_project_name,transfer_name,study_instance_uid\nHEART,HEART050,1.2.3.4\n"
+    refused = client.post(
+        "/upload/requests", data={"csrf": token}, files={"file": ("r.csv", theirs, "text/csv")}
+    )
+    assert refused.status_code == 400 and "not yours" in refused.text
+    broken = "transfer_name\nX\n"
+    refused = client.post(
+        "/upload/requests", data={"csrf": token}, files={"file": ("r.csv", broken, "text/csv")}
+    )
+    assert refused.status_code == 400 and "transfer_project_name" in refused.text
+    mine = f"transfer_project_name,transfer_name,study_instance_uid\nBICAM,BICAM060,{free}\n"
+    done = client.post(
+        "/upload/requests", data={"csrf": token}, files={"file": ("r.csv", mine, "text/csv")}
+    )
+    assert done.status_code == 200 and "1 requests added" in done.text
+    assert client.get("/config").status_code == 403  # configuration: admins only
+    assert client.get("/subject").status_code == 403
+
+    ids = request_ids(node)
+    with node.session_factory() as session, session.begin():
+        held = session.get(TransferRequest, ids["BICAM"])
+        assert held is not None
+        held.status, held.transfer_error_message = RequestStatus.HELD, "pseudonym"
+    token = csrf_of(client, "/requests")
+    assert client.post(f"/requests/{ids['BICAM']}/retry", data={"csrf": token}).status_code == 303
+    with node.session_factory() as session:
+        retried = session.get(TransferRequest, ids["BICAM"])
+        assert retried is not None and retried.status != RequestStatus.HELD
+    conflict = client.post(f"/requests/{ids['BICAM']}/resend", data={"csrf": token})
+    assert conflict.status_code in (303, 409)
+
+    client.cookies.clear()
+    assert login(client, "ada") == 303
+    shown = client.get("/config").text
+    assert "BICAM" in shown and "HEART" in shown and "no rules" in shown
+    coupling = f"StudyInstanceUID,ProjectName,subjectid,eventname\n{free},HEART,HEART070,base\n"
+    token = csrf_of(client, "/config")
+    added = client.post(
+        "/upload/coupling", data={"csrf": token}, files={"file": ("c.csv", coupling, "text/csv")}
+    )
+    assert added.status_code == 200 and "1 coupling entries added" in added.text
+    with node.session_factory() as session:
+        projects = {
+            r.transfer_project_name
+            for r in session.scalars(
+                select(TransferRequest).where(TransferRequest.study_instance_uid == free)
+            )
+        }
+    assert projects == {"BICAM", "HEART"}  # the study was already here: routed at once
+    report = client.get("/subject", params={"patient_id": "PAT555111"}).text
+    assert "BICAM060" in report and "HEART070" in report and free in report
+    assert "PAT555111" not in report.replace('value="PAT555111"', "")
+    client.cookies.clear()
+    assert login(client, "aud") == 303
+    report = client.get("/subject", params={"patient_id": "PAT555111"}).text
+    assert "BICAM060" in report and free not in report  # auditors: keys, not original UIDs
+
+
+def test_c_echo_from_the_configuration_page(tmp_path: Path, db_url: str) -> None:
+    with ScriptedSCP() as scp:
+        config = load_config(
+            write_config(
+                tmp_path / "node",
+                db_url,
+                projects={"BICAM": {"destinations": ["pacs"]}},
+                destinations={
+                    "pacs": {
+                        "kind": "dicom",
+                        "host": "127.0.0.1",
+                        "port": scp.port,
+                        "ae_title": scp.ae_title,
+                    }
+                },
+            )
+        )
+        services = open_node_services(config)
+        try:
+            with services.session_factory() as session, session.begin():
+                add_user(session, "ada", UserRole.ADMIN, (), PASSWORD, "t", utcnow(), ["BICAM"])
+            app = create_app(WebContext(config, services.session_factory, services.node_key))
+            with TestClient(app, base_url="http://127.0.0.1", follow_redirects=False) as web:
+                assert login(web, "ada") == 303
+                token = csrf_of(web, "/config")
+                done = web.post(
+                    "/destinations/pacs/echo", data={"csrf": token}, follow_redirects=True
+                )
+                assert "success" in done.text
+                scp.stop()
+                failed = web.post(
+                    "/destinations/pacs/echo", data={"csrf": token}, follow_redirects=True
+                )
+                assert "no association" in failed.text
+        finally:
+            services.close()

@@ -1,0 +1,160 @@
+"""Web pages that change things or read protected reports: request actions and uploads,
+coupling lists, the configuration (with C-ECHO), and the GDPR subject report."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+
+from fiona.audit import utcnow
+from fiona.db import TransferRequest, UserRole
+from fiona.web.app import WebContext, _denied, _render
+from fiona.web.auth import WebUser
+
+__all__ = ["config_page", "echo", "request_action", "subject_page", "upload"]
+
+MAX_UPLOAD = 5 * 1024 * 1024
+
+
+async def request_action(request: Request, ctx: WebContext, user: WebUser) -> Response:
+    """
+    summary: Retry (after a fix), or resend (from scratch, a new request) a transfer request.
+    responses:
+      200: {description: "what happened"}
+      403: {description: "not the caller's project, a read-only role, or no CSRF token"}
+      409: {description: "the request is not in a state for that"}
+    """
+    from fiona.requests import RequestError, resend_request, retry_request
+
+    request_id = int(request.path_params["request_id"])
+    action = request.path_params["action"]
+    with ctx.session_factory() as session:
+        stored = session.get(TransferRequest, request_id)
+        project = stored.transfer_project_name if stored is not None else None
+    if stored is None or not user.may_see_project(project):
+        return _denied(request, 404, "no such request of yours")
+    try:
+        if action == "retry":
+            message = retry_request(ctx.session_factory, request_id, utcnow(), user.name,
+                                    ctx.config.storage.path)  # fmt: skip
+        elif action == "resend":
+            _new, message = resend_request(ctx.session_factory, request_id, utcnow(), user.name,
+                                           ctx.node_key)  # fmt: skip
+        else:
+            return _denied(request, 404, f"no action {action!r}")
+    except RequestError as exc:
+        return _denied(request, 409, str(exc))
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"message": message})
+    return RedirectResponse("/requests", status_code=303)
+
+
+async def _csv_text(request: Request) -> tuple[str | None, bytes]:
+    form = await request.form()
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        return None, b""
+    data = await upload.read(MAX_UPLOAD + 1)
+    if len(data) > MAX_UPLOAD:
+        return None, b""
+    try:
+        return data.decode("utf-8-sig"), data
+    except UnicodeDecodeError:
+        return None, b""
+
+
+async def upload(request: Request, ctx: WebContext, user: WebUser) -> Response:
+    """
+    summary: Upload a CSV of transfer requests or a coupling list (all or nothing).
+    responses:
+      200: {description: "imported, or the problems found (nothing imported)"}
+    """
+    from fiona.requests import import_requests, parse_requests_csv
+    from fiona.router.coupling import parse_coupling_csv
+    from fiona.router.rules import load_routing_rules
+    from fiona.router.service import import_coupling_and_route
+
+    kind = request.path_params["kind"]
+    text, data = await _csv_text(request)
+    problems: list[str] = []
+    message = ""
+    if text is None:
+        problems = [f"choose a UTF-8 CSV file (at most {MAX_UPLOAD // 2**20} MB)"]
+    elif kind == "requests":
+        rows, problems = parse_requests_csv(text, ctx.config)
+        projects = {str(row["project"]) for row in rows}
+        if not problems and not all(user.may_see_project(p) for p in projects):
+            problems = ["the file names projects that are not yours"]
+        if not problems:
+            ids = import_requests(ctx.session_factory, rows, utcnow(), user.name, ctx.node_key)
+            message = f"{len(ids)} requests added"
+    elif kind == "coupling":
+        rows, problems = parse_coupling_csv(text, ctx.config)
+        if not problems and not all(user.may_see_project(str(r["project"])) for r in rows):
+            problems = ["the file names projects that are not yours"]
+        if not problems:
+            days = ctx.config.routing.coupling_expire_days
+            count, here, created = import_coupling_and_route(
+                ctx.session_factory, ctx.config, load_routing_rules(ctx.config), ctx.node_key,
+                rows, utcnow(), user.name, days, hashlib.sha256(data).hexdigest(),
+            )  # fmt: skip
+            message = (f"{count} coupling entries added (expire in {days} days); {here} of "
+                       f"their studies are here: {created} requests created")  # fmt: skip
+    else:
+        return _denied(request, 404, "nothing to upload there")
+    status = 200 if not problems else 400
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"message": message, "problems": problems}, status_code=status)
+    response = _render(request, "uploaded.html", user, kind=kind, message=message,
+                       problems=problems)  # fmt: skip
+    response.status_code = status
+    return response
+
+
+async def config_page(request: Request, ctx: WebContext, user: WebUser) -> Response:
+    from fiona.router.rules import load_routing_rules
+
+    try:
+        rules: Any = load_routing_rules(ctx.config)
+    except Exception as exc:  # noqa: BLE001  # shown: the node keeps its loaded rules
+        rules = f"not loadable: {exc}"
+    return _render(request, "config.html", user, config=ctx.config, rules=rules,
+                   echo=request.query_params.get("echo"))  # fmt: skip
+
+
+async def echo(request: Request, ctx: WebContext, user: WebUser) -> Response:
+    """
+    summary: C-ECHO a DICOM destination from FIONA.
+    responses:
+      200: {description: "success or the reason"}
+    """
+    from urllib.parse import quote
+
+    from fiona.scu import echo as c_echo
+
+    name = request.path_params["name"]
+    destination = ctx.config.destinations.get(name)
+    if destination is None or destination.kind != "dicom":
+        return _denied(request, 404, "no DICOM destination of that name")
+    ok, message = c_echo(destination.host, destination.port, destination.ae_title,
+                         ctx.config.node.ae_title, timeout=5)  # fmt: skip
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"ok": ok, "message": message})
+    return RedirectResponse(f"/config?echo={quote(message)}", status_code=303)
+
+
+async def subject_page(request: Request, ctx: WebContext, user: WebUser) -> Response:
+    from fiona.reports import resolve_subject, subject_report
+
+    patient_id = request.query_params.get("patient_id", "").strip()
+    report = None
+    if patient_id:
+        with ctx.session_factory() as session:
+            found = resolve_subject(session, ctx.node_key, patient_id=patient_id)
+            report = subject_report(session, ctx.node_key, found)
+    return _render(request, "subject.html", user, report=report, asked=bool(patient_id),
+                   role_may_see_uids=user.role == UserRole.ADMIN)  # fmt: skip
