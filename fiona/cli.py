@@ -501,10 +501,12 @@ def import_(config_path: Path | None, folder: Path, called_ae: str | None, calli
 
 def _register() -> None:
     from fiona.audit_cli import audit, report
+    from fiona.quarantine_cli import quarantine
     from fiona.request_cli import request
     from fiona.route_cli import coupling, route, studies
     from fiona.user_cli import user
 
+    main.add_command(quarantine)
     main.add_command(user)
     main.add_command(audit)
     main.add_command(report)

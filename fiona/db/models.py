@@ -140,6 +140,10 @@ class AuditEventType(enum.Enum):
     """A user logged in to the web interface (name, address)."""
     LOGIN_FAILED = "LOGIN_FAILED"
     """A failed or refused login (the name tried, address, why)."""
+    QUARANTINE_RELEASED = "QUARANTINE_RELEASED"
+    """An operator released a quarantined file: it passed the checks and was ingested."""
+    QUARANTINE_DELETED = "QUARANTINE_DELETED"
+    """An operator deleted a quarantined file for good."""
     LOGOUT = "LOGOUT"
     """A user logged out."""
 

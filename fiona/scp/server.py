@@ -240,6 +240,7 @@ class Node:
                 services.session_factory,
                 services.node_key,
                 scp_bound=lambda: not self._stopped.is_set(),
+                ingestor=services.ingestor,
             )
             self._web = WebServer(create_app(context), web.host, web.port)
             self._web.start()  # a busy port is logged; receiving DICOM goes on regardless

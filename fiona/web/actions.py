@@ -39,11 +39,13 @@ async def request_action(request: Request, ctx: WebContext, user: WebUser) -> Re
         return _denied(request, 404, "no such request of yours")
     try:
         if action == "retry":
-            message = retry_request(ctx.session_factory, request_id, utcnow(), user.name,
-                                    ctx.config.storage.path)  # fmt: skip
+            message = retry_request(
+                ctx.session_factory, request_id, utcnow(), user.name, ctx.config.storage.path
+            )
         elif action == "resend":
-            _new, message = resend_request(ctx.session_factory, request_id, utcnow(), user.name,
-                                           ctx.node_key)  # fmt: skip
+            _new, message = resend_request(
+                ctx.session_factory, request_id, utcnow(), user.name, ctx.node_key
+            )
         else:
             return _denied(request, 404, f"no action {action!r}")
     except RequestError as exc:
@@ -99,18 +101,28 @@ async def upload(request: Request, ctx: WebContext, user: WebUser) -> Response:
         if not problems:
             days = ctx.config.routing.coupling_expire_days
             count, here, created = import_coupling_and_route(
-                ctx.session_factory, ctx.config, load_routing_rules(ctx.config), ctx.node_key,
-                rows, utcnow(), user.name, days, hashlib.sha256(data).hexdigest(),
-            )  # fmt: skip
-            message = (f"{count} coupling entries added (expire in {days} days); {here} of "
-                       f"their studies are here: {created} requests created")  # fmt: skip
+                ctx.session_factory,
+                ctx.config,
+                load_routing_rules(ctx.config),
+                ctx.node_key,
+                rows,
+                utcnow(),
+                user.name,
+                days,
+                hashlib.sha256(data).hexdigest(),
+            )
+            message = (
+                f"{count} coupling entries added (expire in {days} days); {here} of "
+                f"their studies are here: {created} requests created"
+            )
     else:
         return _denied(request, 404, "nothing to upload there")
     status = 200 if not problems else 400
     if request.url.path.startswith("/api/"):
         return JSONResponse({"message": message, "problems": problems}, status_code=status)
-    response = _render(request, "uploaded.html", user, kind=kind, message=message,
-                       problems=problems)  # fmt: skip
+    response = _render(
+        request, "uploaded.html", user, kind=kind, message=message, problems=problems
+    )
     response.status_code = status
     return response
 
@@ -122,8 +134,14 @@ async def config_page(request: Request, ctx: WebContext, user: WebUser) -> Respo
         rules: Any = load_routing_rules(ctx.config)
     except Exception as exc:  # noqa: BLE001  # shown: the node keeps its loaded rules
         rules = f"not loadable: {exc}"
-    return _render(request, "config.html", user, config=ctx.config, rules=rules,
-                   echo=request.query_params.get("echo"))  # fmt: skip
+    return _render(
+        request,
+        "config.html",
+        user,
+        config=ctx.config,
+        rules=rules,
+        echo=request.query_params.get("echo"),
+    )
 
 
 async def echo(request: Request, ctx: WebContext, user: WebUser) -> Response:
@@ -140,8 +158,13 @@ async def echo(request: Request, ctx: WebContext, user: WebUser) -> Response:
     destination = ctx.config.destinations.get(name)
     if destination is None or destination.kind != "dicom":
         return _denied(request, 404, "no DICOM destination of that name")
-    ok, message = c_echo(destination.host, destination.port, destination.ae_title,
-                         ctx.config.node.ae_title, timeout=5)  # fmt: skip
+    ok, message = c_echo(
+        destination.host,
+        destination.port,
+        destination.ae_title,
+        ctx.config.node.ae_title,
+        timeout=5,
+    )
     if request.url.path.startswith("/api/"):
         return JSONResponse({"ok": ok, "message": message})
     return RedirectResponse(f"/config?echo={quote(message)}", status_code=303)
@@ -156,5 +179,60 @@ async def subject_page(request: Request, ctx: WebContext, user: WebUser) -> Resp
         with ctx.session_factory() as session:
             found = resolve_subject(session, ctx.node_key, patient_id=patient_id)
             report = subject_report(session, ctx.node_key, found)
-    return _render(request, "subject.html", user, report=report, asked=bool(patient_id),
-                   role_may_see_uids=user.role == UserRole.ADMIN)  # fmt: skip
+    return _render(
+        request,
+        "subject.html",
+        user,
+        report=report,
+        asked=bool(patient_id),
+        role_may_see_uids=user.role == UserRole.ADMIN,
+    )
+
+
+async def quarantine_page(request: Request, ctx: WebContext, user: WebUser) -> Response:
+    from fiona.quarantine import list_quarantined
+
+    with ctx.session_factory() as session:
+        entries = list_quarantined(session)
+    return _render(
+        request,
+        "quarantine.html",
+        user,
+        entries=entries,
+        message=request.query_params.get("message"),
+    )
+
+
+async def quarantine_action(request: Request, ctx: WebContext, user: WebUser) -> Response:
+    """
+    summary: Release (check again and store) or delete a quarantined file.
+    responses:
+      200: {description: "what happened"}
+      409: {description: "still not acceptable, or gone"}
+    """
+    from urllib.parse import quote
+
+    from fiona.quarantine import QuarantineError, delete_quarantined, release_quarantined
+
+    entry_id = int(request.path_params["entry_id"])
+    action = request.path_params["action"]
+    try:
+        if action == "release":
+            if ctx.ingestor is None:
+                return _denied(request, 503, "releasing needs the running node")
+            done = release_quarantined(
+                ctx.session_factory, ctx.ingestor, entry_id, user.name, utcnow()
+            )
+            message = f"released {entry_id}: {done.outcome.lower()}"
+        elif action == "delete":
+            delete_quarantined(ctx.session_factory, ctx.spool, entry_id, user.name, utcnow())
+            message = f"deleted {entry_id}"
+        else:
+            return _denied(request, 404, f"no action {action!r}")
+    except QuarantineError as exc:
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": str(exc)}, status_code=409)
+        message = f"{action} {entry_id}: {exc}"
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"message": message})
+    return RedirectResponse(f"/quarantine?message={quote(message)}", status_code=303)

@@ -39,6 +39,7 @@ from fiona.config import FionaConfig, WebConfig
 from fiona.db import AuditEventType, TransferRequest, User
 from fiona.keys import load_or_create_key
 from fiona.logs import get_logger
+from fiona.scp.ingest import Ingestor
 from fiona.scp.spool import Spool
 from fiona.web.auth import (
     LoginThrottle,
@@ -65,6 +66,8 @@ class WebContext:
     session_factory: sessionmaker[Session]
     node_key: bytes
     scp_bound: Callable[[], bool] = lambda: True
+    ingestor: Ingestor | None = None
+    """The node's receive path (quarantine release); None outside ``fiona serve``."""
     throttle: LoginThrottle = field(init=False)
 
     def __post_init__(self) -> None:
@@ -456,7 +459,15 @@ def create_app(ctx: WebContext) -> Starlette:
     """The web application for *ctx* (``fiona serve`` runs it with uvicorn)."""
     web = ctx.config.web or WebConfig()
     secret = load_or_create_key(ctx.config.storage.path / "secrets" / "web-session.key").hex()
-    from fiona.web.actions import config_page, echo, request_action, subject_page, upload
+    from fiona.web.actions import (
+        config_page,
+        echo,
+        quarantine_action,
+        quarantine_page,
+        request_action,
+        subject_page,
+        upload,
+    )
     from fiona.web.studies import assign, studies_page, study_page
 
     admin, readers = ("admin",), ("admin", "auditor")
@@ -471,6 +482,12 @@ def create_app(ctx: WebContext) -> Starlette:
             methods=["POST"],
         ),
         Route("/subject", page(ctx, subject_page, roles=readers)),
+        Route("/quarantine", page(ctx, quarantine_page, roles=admin)),
+        Route(
+            "/quarantine/{entry_id:int}/{action:str}",
+            page(ctx, quarantine_action, change=True, roles=admin),
+            methods=["POST"],
+        ),
         Route("/studies", page(ctx, studies_page)),
         Route("/studies/{study_id:int}", page(ctx, study_page)),
         Route("/studies/{study_id:int}/assign", page(ctx, assign, change=True), methods=["POST"]),
