@@ -527,6 +527,8 @@ class WebConfig(_Frozen):
     """Failed logins per user name and per address within ``login_window_seconds`` before
     further attempts are refused (HTTP 429) until the window has passed."""
     login_window_seconds: Annotated[float, Field(gt=0, le=86400)] = 300.0
+    max_upload_mb: Annotated[int, Field(ge=1, le=1024 * 1024)] = 4096
+    """Largest web upload of DICOM data (files or a zip, uncompressed) accepted at once."""
 
 
 class FionaConfig(_Frozen):

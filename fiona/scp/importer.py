@@ -68,12 +68,13 @@ def import_folder(
     called_ae_title: str,
     calling_ae_title: str,
     progress: Callable[[Path], None] = lambda _p: None,
+    peer_address: str = "local-import",
 ) -> ImportReport:
     """Ingest every DICOM file below `folder`."""
     facts = ReceiveFacts(
         calling_ae_title=calling_ae_title,
         called_ae_title=called_ae_title,
-        peer_address="local-import",
+        peer_address=peer_address,
         association_id=str(uuid.uuid4()),
     )
     report = ImportReport(facts.association_id)

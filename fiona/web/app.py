@@ -469,10 +469,13 @@ def create_app(ctx: WebContext) -> Starlette:
         upload,
     )
     from fiona.web.studies import assign, studies_page, study_page
+    from fiona.web.upload import upload_dicom
 
     admin, readers = ("admin",), ("admin", "auditor")
     routes: list[Any] = [
         *_login_routes(ctx),
+        Route("/upload/dicom", page(ctx, upload_dicom, change=True), methods=["POST"]),
+        Route("/api/upload/dicom", page(ctx, upload_dicom, change=True), methods=["POST"]),
         Route("/upload/{kind:str}", page(ctx, upload, change=True), methods=["POST"]),
         Route("/api/upload/{kind:str}", page(ctx, upload, change=True), methods=["POST"]),
         Route("/config", page(ctx, config_page, roles=admin)),

@@ -125,6 +125,7 @@ async def studies_page(request: Request, ctx: WebContext, user: WebUser) -> Resp
             projects = sorted({r.transfer_project_name for r in requests})
             rows.append(Row(study, calling, called, name, pid, projects))
     dates = sorted({(r.study.study_date or "")[:8] for r in rows if r.study.study_date})
+    projects = sorted(user.projects if user.role == UserRole.PROJECT else ctx.config.projects)
     return _render(
         request,
         "studies.html",
@@ -133,6 +134,7 @@ async def studies_page(request: Request, ctx: WebContext, user: WebUser) -> Resp
         query=dict(args),
         calendar=_calendar(dates),
         limit=LIST_LIMIT,
+        projects=projects,
     )
 
 

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +24,15 @@ from starlette.testclient import TestClient
 
 from fiona.audit import utcnow
 from fiona.config import load_config
-from fiona.db import AuditEvent, AuditEventType, RequestStatus, Study, TransferRequest, UserRole
+from fiona.db import (
+    AuditEvent,
+    AuditEventType,
+    Instance,
+    RequestStatus,
+    Study,
+    TransferRequest,
+    UserRole,
+)
 from fiona.requests import create_request
 from fiona.scp.ingest import ReceiveFacts
 from fiona.scp.server import NodeServices, open_node_services
@@ -48,7 +57,7 @@ def node(tmp_path: Path, db_url: str) -> Iterator[NodeServices]:
             tmp_path / "node",
             db_url,
             projects=PROJECTS,
-            web={"login_attempts": 3, "login_window_seconds": 60},
+            web={"login_attempts": 3, "login_window_seconds": 60, "max_upload_mb": 1},
         )
     )
     services = open_node_services(config)
@@ -81,8 +90,10 @@ def node(tmp_path: Path, db_url: str) -> Iterator[NodeServices]:
 
 @pytest.fixture
 def client(node: NodeServices) -> Iterator[TestClient]:
-    app = create_app(WebContext(node.config, node.session_factory, node.node_key))
-    with TestClient(app, base_url="http://127.0.0.1", follow_redirects=False) as test_client:
+    context = WebContext(node.config, node.session_factory, node.node_key, ingestor=node.ingestor)
+    with TestClient(
+        create_app(context), base_url="http://127.0.0.1", follow_redirects=False
+    ) as test_client:
         yield test_client
 
 
@@ -456,3 +467,55 @@ def test_c_echo_from_the_configuration_page(tmp_path: Path, db_url: str) -> None
                 assert "no association" in failed.text
         finally:
             services.close()
+
+
+def test_dicom_upload_enters_the_pipeline_with_a_request_per_study(
+    client: TestClient, node: NodeServices, tmp_path: Path
+) -> None:
+    loose = write_study(tmp_path / "loose", 1, 2, patient_id="EXT0001")
+    zipped = write_study(tmp_path / "zipped", 2, 1, patient_id="EXT0002")
+    archive = tmp_path / "cd.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for index, path in enumerate(zipped):
+            zf.write(path, f"DICOM/../../etc/IM{index}")  # names are never used as paths
+        zf.writestr("README.TXT", "not dicom")
+    files = [("files", (p.name, p.read_bytes(), "application/dicom")) for p in loose]
+    files.append(("files", ("cd.zip", archive.read_bytes(), "application/zip")))
+    form = {"project": "BICAM", "pseudonym": "BICAM077", "event": "visit2", "site": "BGO"}
+
+    assert login(client, "pia") == 303
+    token = csrf_of(client, "/studies")
+    refused = client.post(
+        "/upload/dicom", data={**form, "project": "HEART", "csrf": token}, files=files
+    )
+    assert refused.status_code == 403
+    done = client.post("/upload/dicom", data={**form, "csrf": token}, files=files)
+    assert done.status_code == 200, done.text
+    assert "4 instances stored in 2 studies; 0 failed; 1 files skipped" in done.text
+    with node.session_factory() as session:
+        made = list(
+            session.scalars(select(TransferRequest).where(TransferRequest.source == "web-upload"))
+        )
+        callers = set(session.scalars(select(Instance.calling_ae_title).distinct()))
+    assert {
+        (
+            r.transfer_project_name,
+            r.transfer_name,
+            r.transfer_event_name,
+            r.transfer_site,
+            r.requested_by,
+        )
+        for r in made
+    } == {("BICAM", "BICAM077", "visit2", "BGO", "pia")}
+    assert len(made) == 2 and callers == {"WEBUPLOAD"}
+    assert not list(node.spool.tmp.iterdir())  # nothing left behind
+
+    big = [("files", ("big.dcm", b"\0" * (1024 * 1024 + 1), "application/dicom"))]
+    too_big = client.post("/upload/dicom", data={**form, "csrf": token}, files=big)
+    assert too_big.status_code == 400 and "max_upload_mb" in too_big.text
+    client.cookies.clear()
+    assert login(client, "aud") == 303
+    token = csrf_of(client, "/studies")
+    assert (
+        client.post("/upload/dicom", data={**form, "csrf": token}, files=files).status_code == 403
+    )
