@@ -144,6 +144,10 @@ class AuditEventType(enum.Enum):
     """An operator released a quarantined file: it passed the checks and was ingested."""
     QUARANTINE_DELETED = "QUARANTINE_DELETED"
     """An operator deleted a quarantined file for good."""
+    EXPORT_CREATED = "EXPORT_CREATED"
+    """A web user made an export package of a project's de-identified data."""
+    EXPORT_DOWNLOADED = "EXPORT_DOWNLOADED"
+    """An export package was downloaded."""
     LOGOUT = "LOGOUT"
     """A user logged out."""
 

@@ -56,6 +56,7 @@ __all__ = [
     "record",
     "recover_leases",
     "release_owner",
+    "request_context",
     "retry_failed",
     "still_needed",
 ]
@@ -91,7 +92,8 @@ class WorkItem:
     attempts: int
 
 
-def _context(settings: ProjectDeidentification, request: TransferRequest) -> Context:
+def request_context(settings: ProjectDeidentification, request: TransferRequest) -> Context:
+    """The de-identification context of *request* (pseudonym, event, site, date offset)."""
     return settings.context(
         request.transfer_name,
         event=request.transfer_event_name or "",
@@ -216,7 +218,7 @@ def _prepare_one(
             if stored is not None:
                 fail_request(session, stored, now, "de-identification", f"configuration: {exc}")
         return 0
-    context = _context(settings, request)
+    context = request_context(settings, request)
     kept = PreparedFiles(storage)
     rows: list[Delivery] = []
     failures: list[str] = []

@@ -49,6 +49,7 @@ from fiona.web.auth import (
     new_csrf_token,
     user_for_token,
 )
+from fiona.web.exports import Exports
 
 __all__ = ["WebContext", "create_app"]
 
@@ -69,10 +70,12 @@ class WebContext:
     ingestor: Ingestor | None = None
     """The node's receive path (quarantine release); None outside ``fiona serve``."""
     throttle: LoginThrottle = field(init=False)
+    exports: Exports = field(init=False)
 
     def __post_init__(self) -> None:
         web = self.config.web or WebConfig()
         self.throttle = LoginThrottle(web.login_attempts, web.login_window_seconds)
+        self.exports = Exports(self.config, self.session_factory)
 
     @property
     def spool(self) -> Spool:
@@ -468,10 +471,11 @@ def create_app(ctx: WebContext) -> Starlette:
         subject_page,
         upload,
     )
+    from fiona.web.export_pages import download_export, export_status, exports_page, start_export
     from fiona.web.studies import assign, studies_page, study_page
     from fiona.web.upload import upload_dicom
 
-    admin, readers = ("admin",), ("admin", "auditor")
+    admin, readers, makers = ("admin",), ("admin", "auditor"), ("admin", "project")
     routes: list[Any] = [
         *_login_routes(ctx),
         Route("/upload/dicom", page(ctx, upload_dicom, change=True), methods=["POST"]),
@@ -485,6 +489,10 @@ def create_app(ctx: WebContext) -> Starlette:
             methods=["POST"],
         ),
         Route("/subject", page(ctx, subject_page, roles=readers)),
+        Route("/exports", page(ctx, exports_page, roles=makers)),
+        Route("/exports", page(ctx, start_export, change=True, roles=makers), methods=["POST"]),
+        Route("/exports/{job_id:str}", page(ctx, export_status, roles=makers)),
+        Route("/exports/{job_id:str}/download", page(ctx, download_export, roles=makers)),
         Route("/quarantine", page(ctx, quarantine_page, roles=admin)),
         Route(
             "/quarantine/{entry_id:int}/{action:str}",

@@ -519,3 +519,19 @@ def test_dicom_upload_enters_the_pipeline_with_a_request_per_study(
     assert (
         client.post("/upload/dicom", data={**form, "csrf": token}, files=files).status_code == 403
     )
+
+
+def test_exports_are_for_admins_and_their_projects_users(client: TestClient) -> None:
+    assert login(client, "pia") == 303
+    token = csrf_of(client, "/exports")
+    refused = client.post("/exports", data={"csrf": token, "project": "HEART"})
+    assert refused.status_code == 403
+    assert client.post("/exports", data={"csrf": token, "project": "BICAM"}).status_code == 303
+    (job,) = re.findall(r"BICAM_\d{8}T\d{6}Z\.zip", client.get("/exports").text)[:1]
+    assert job
+    client.cookies.clear()
+    assert login(client, "aud") == 303
+    assert client.get("/exports").status_code == 403
+    client.cookies.clear()
+    assert login(client, "ada") == 303
+    assert job in client.get("/exports").text  # an admin sees every project's packages

@@ -1,14 +1,19 @@
 """The web interface in a real headless browser (Playwright driving Debian's ``chromium``).
 
 A project admin logs in to a running ``fiona serve``, finds a study a modality sent, assigns
-it to their project, watches the request reach ``sent`` (a real Orthanc acknowledges it) and
-reads the audit log. Screenshots of the pages go to ``test-artifacts/screenshots/``.
+it to their project, watches the request reach ``sent`` (a real Orthanc acknowledges it),
+downloads the export package and reads the audit log. Screenshots of the pages go to
+``test-artifacts/screenshots/``.
 ``tools/test`` installs ``chromium`` with apt; nothing is downloaded by Playwright.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import re
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +22,7 @@ from fionatest import free_port, write_study
 from forwarding import Node, dicom_destination
 from peers import Orthanc, poll
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from pydicom import dcmread
 
 pytestmark = pytest.mark.integration
 
@@ -104,12 +110,40 @@ def test_a_project_admin_assigns_a_study_and_sees_it_delivered_and_audited(
         shot(page, "04-study-sent")
         assert pacs.wait_for_instances(4) == 4
 
+        page.goto(f"{base}/exports")
+        page.get_by_label("Subject (pseudonym, optional)").fill("BICAM050")
+        page.get_by_role("button", name="Make package").click()
+        expect(page.get_by_role("link", name="Download")).to_be_visible(timeout=60_000)
+        shot(page, "05-exports")
+        with page.expect_download() as download_info:
+            page.get_by_role("link", name="Download").click()
+        download = download_info.value
+        assert re.fullmatch(r"BICAM_\d{8}T\d{6}Z\.zip", download.suggested_filename)
+        package = tmp_path / download.suggested_filename
+        download.save_as(package)
+        with zipfile.ZipFile(package) as archive:
+            names = archive.namelist()
+            manifest = json.loads(archive.read("manifest.json"))
+            images = [n for n in names if n.endswith(".dcm")]
+            first = dcmread(io.BytesIO(archive.read(images[0])))
+        assert len(images) == 4 and manifest["differing_from_delivered"] == 0
+        assert {n.split("/")[:3] == ["BICAM", "BICAM050", "baseline"] for n in images} == {True}
+        assert len({n.split("/")[3] for n in images}) == 2  # two series
+        assert first.PatientID == "BICAM050"
+        held = {
+            i["MainDicomTags"]["SOPInstanceUID"]
+            for s in pacs.studies()
+            for i in pacs.instances_of_study(s["MainDicomTags"]["StudyInstanceUID"])
+        }
+        assert {n.rsplit("/", 1)[1].removesuffix(".dcm") for n in images} == held
+
         page.goto(f"{base}/requests")
         expect(page.get_by_role("cell", name="BICAM050")).to_be_visible()
-        shot(page, "05-requests")
+        shot(page, "06-requests")
         page.goto(f"{base}/audit?verify=1")
         expect(page.get_by_text("Hash chain intact")).to_be_visible()
         expect(page.get_by_role("cell", name="DELIVERED").first).to_be_visible()
-        shot(page, "06-audit-log")
+        expect(page.get_by_role("cell", name="EXPORT_DOWNLOADED")).to_be_visible()
+        shot(page, "07-audit-log")
         page.get_by_role("button", name="Log out").click()
         expect(page.get_by_role("heading", name="Log in")).to_be_visible()
