@@ -48,6 +48,7 @@ from fiona.forwarder.ledger import (
 from fiona.forwarder.prepared import PreparedFiles
 from fiona.forwarder.senders import DicomSender, DicomWebSender, FolderSender, Prepared, Sender
 from fiona.forwarder.verify import verify_deliveries
+from fiona.heartbeat import Heartbeat
 from fiona.requests import activate_requests
 
 __all__ = ["Forwarder"]
@@ -91,6 +92,7 @@ class Forwarder:
         self._probing: dict[str, threading.Lock] = {name: threading.Lock() for name in self.senders}
         self._settings: dict[str, ProjectDeidentification] = {}
         self._settings_lock = threading.Lock()
+        self._heartbeat = Heartbeat(storage, "pipeline")
         self.lease_seconds = 300.0
         self.prepared = PreparedFiles(storage)
         self._redcap: Any = None
@@ -169,6 +171,7 @@ class Forwarder:
             log.info("requests prepared", requests=len(ready), deliveries=added)
             self._wake_senders()
         verify_deliveries(self.session_factory, self.config, self.clock())
+        self._heartbeat.beat(now)
         return bool(ready or added)
 
     def _pipeline_loop(self) -> None:

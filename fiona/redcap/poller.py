@@ -24,6 +24,7 @@ from fiona.audit import audit_event
 from fiona.config import FionaConfig
 from fiona.db import AuditEventType
 from fiona.forwarder.ledger import exponential_delay
+from fiona.heartbeat import Heartbeat
 from fiona.redcap.client import RedcapError
 from fiona.redcap.sync import RedcapSource, SyncResult
 
@@ -62,6 +63,8 @@ class RedcapPoller:
         self._token_mtime: float | None = None
         self._scheduler: BackgroundScheduler | None = None
         self._lock = threading.Lock()
+        self._heartbeat = Heartbeat(config.storage.path, "redcap", interval=0.0)
+        self._failure_beat = Heartbeat(config.storage.path, "redcap-failed", interval=0.0)
 
     def start(self) -> None:
         self._scheduler = BackgroundScheduler(timezone="UTC")
@@ -99,11 +102,13 @@ class RedcapPoller:
                 result = self.source.sync()
             except RedcapError as exc:
                 self._failed(exc)
+                self._failure_beat.beat(self.clock(), kind=exc.kind)
                 return None
             except Exception as exc:  # a bug or a database problem: back off
                 log.exception("REDCap poll failed", error=type(exc).__name__)
                 self._backoff()
                 return None
+            self._heartbeat.beat(self.clock())
             if self.alert is not None:
                 log.info("REDCap accepts FIONA again")
             self.failures = 0

@@ -242,8 +242,48 @@ def _status(ctx: WebContext) -> dict[str, Any]:
     return node_status(ctx.session_factory, ctx.spool, sorted(ctx.config.destinations))
 
 
+def _activity(ctx: WebContext) -> dict[str, Any]:
+    """Open associations, instances per minute (last 5 minutes), the last polls."""
+    from datetime import timedelta
+
+    from sqlalchemy import func
+
+    from fiona.db import Association, Instance
+    from fiona.heartbeat import read_beat
+
+    now = utcnow()
+    with ctx.session_factory() as session:
+        open_associations = session.scalar(
+            select(func.count()).select_from(Association).where(Association.ended_at.is_(None))
+        )
+        recent = session.scalar(
+            select(func.count())
+            .select_from(Instance)
+            .where(Instance.received_at >= now - timedelta(minutes=5))
+        )
+    beats = {
+        name: read_beat(ctx.config.storage.path, name)
+        for name in ("pipeline", "redcap", "redcap-failed")
+    }
+    return {
+        "associations": open_associations or 0,
+        "per_minute": round((recent or 0) / 5, 1),
+        "polls": {
+            name: beat["at"].strftime("%Y-%m-%d %H:%M:%S") if beat else None
+            for name, beat in beats.items()
+        },
+    }
+
+
 async def dashboard(request: Request, ctx: WebContext, user: WebUser) -> Response:
-    return _render(request, "dashboard.html", user, status=_status(ctx), scp=ctx.scp_bound())
+    return _render(
+        request,
+        "dashboard.html",
+        user,
+        status=_status(ctx),
+        scp=ctx.scp_bound(),
+        activity=_activity(ctx),
+    )
 
 
 def _visible_requests(ctx: WebContext, user: WebUser, limit: int = 500) -> list[TransferRequest]:
@@ -415,6 +455,28 @@ async def api_status(request: Request, ctx: WebContext, user: WebUser) -> Respon
 # -- probes and metrics ----------------------------------------------------------------------
 
 
+def _poll_checks(ctx: WebContext) -> dict[str, str]:
+    """Whether the request poll is recent: the forwarding pipeline, and REDCap if it is used."""
+    from fiona.heartbeat import INTERVAL, read_beat
+
+    config, now = ctx.config, utcnow()
+    checks: dict[str, str] = {}
+    limits = {}
+    if config.destinations:  # the forwarding process runs the pipeline
+        limits["pipeline"] = max(3 * config.forwarding.poll_seconds, 3 * INTERVAL)
+    if config.requests.source == "redcap":
+        limits["redcap"] = max(3 * config.requests.poll_seconds, 300.0)
+    for name, limit in limits.items():
+        beat = read_beat(config.storage.path, name)
+        if beat is None:
+            checks[f"{name}_poll"] = "no poll yet"
+        elif (now - beat["at"]).total_seconds() > limit:
+            checks[f"{name}_poll"] = f"last poll {int((now - beat['at']).total_seconds())} s ago"
+        else:
+            checks[f"{name}_poll"] = "ok"
+    return checks
+
+
 def _probe_routes(ctx: WebContext) -> list[Route]:
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok")
@@ -428,6 +490,7 @@ def _probe_routes(ctx: WebContext) -> list[Route]:
         except Exception as exc:  # noqa: BLE001  # reported, not raised
             checks["database"] = f"unreachable: {type(exc).__name__}"
         checks["scp"] = "ok" if ctx.scp_bound() else "not listening"
+        checks.update(_poll_checks(ctx))
         spool = ctx.spool
         free = spool.free_bytes()
         floor = spool.min_free_mb * 1024 * 1024

@@ -23,6 +23,7 @@ from sqlalchemy import select
 
 from fiona.config import FionaConfig
 from fiona.db import AuditEvent, AuditEventType, RequestStatus, TransferRequest
+from fiona.heartbeat import read_beat
 from fiona.redcap.client import RedcapClient, RedcapError
 from fiona.redcap.poller import RedcapPoller
 from fiona.redcap.sync import RedcapSource
@@ -352,6 +353,10 @@ def test_transient_failures_back_off_and_recover(
                           source=redcap, monotonic=ticks)  # fmt: skip
     fake.fault("status", 502, times=6)  # two polls' worth of attempts
     assert poller.poll() is None and poller.failures == 1
+    storage = config.storage.path
+    failed = read_beat(storage, "redcap-failed")
+    assert read_beat(storage, "redcap") is None and failed is not None
+    assert failed["kind"] == "transient"  # what the dashboard and /readyz show
     first_wait = poller.next_attempt - ticks.now
     assert 60 <= first_wait <= 120  # poll_seconds 60 · 2, with jitter
     ticks.now += first_wait / 2
@@ -368,6 +373,7 @@ def test_transient_failures_back_off_and_recover(
     result = poller.poll()
     assert result is not None and result.created == 1 and woken == [True]
     assert poller.failures == 0
+    assert read_beat(storage, "redcap") is not None
     assert audit(services, AuditEventType.REQUEST_SOURCE_ALERT) == []  # transient: no alert
 
 

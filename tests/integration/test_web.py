@@ -12,6 +12,7 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ from fiona.db import (
     TransferRequest,
     UserRole,
 )
+from fiona.heartbeat import Heartbeat
 from fiona.requests import create_request
 from fiona.scp.ingest import ReceiveFacts
 from fiona.scp.server import NodeServices, open_node_services
@@ -535,3 +537,27 @@ def test_exports_are_for_admins_and_their_projects_users(client: TestClient) -> 
     client.cookies.clear()
     assert login(client, "ada") == 303
     assert job in client.get("/exports").text  # an admin sees every project's packages
+
+
+def test_readyz_wants_a_recent_forwarding_pass(tmp_path: Path, db_url: str) -> None:
+    config = load_config(
+        write_config(
+            tmp_path / "node",
+            db_url,
+            projects={"BICAM": {"destinations": ["out"]}},
+            destinations={"out": {"kind": "folder", "path": str(tmp_path / "out")}},
+        )
+    )
+    services = open_node_services(config)
+    try:
+        app = create_app(WebContext(config, services.session_factory, services.node_key))
+        with TestClient(app, base_url="http://127.0.0.1") as web:
+            waiting = web.get("/readyz")
+            assert waiting.status_code == 503
+            assert waiting.json()["checks"]["pipeline_poll"] == "no poll yet"
+            Heartbeat(config.storage.path, "pipeline").beat(utcnow() - timedelta(minutes=5))
+            assert web.get("/readyz").json()["checks"]["pipeline_poll"].startswith("last poll 3")
+            Heartbeat(config.storage.path, "pipeline").beat(utcnow())
+            assert web.get("/readyz").status_code == 200
+    finally:
+        services.close()

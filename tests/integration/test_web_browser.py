@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from fionatest import free_port, write_study
 from forwarding import Node, dicom_destination
 from peers import Orthanc, poll
@@ -110,6 +111,11 @@ def test_a_project_admin_assigns_a_study_and_sees_it_delivered_and_audited(
         shot(page, "04-study-sent")
         assert pacs.wait_for_instances(4) == 4
 
+        ready = requests.get(f"{base}/readyz", timeout=10).json()
+        assert ready == {
+            "ready": True,
+            "checks": {"database": "ok", "scp": "ok", "pipeline_poll": "ok", "disk": "ok"},
+        }
         page.goto(f"{base}/exports")
         page.get_by_label("Subject (pseudonym, optional)").fill("BICAM050")
         page.get_by_role("button", name="Make package").click()
