@@ -63,6 +63,19 @@ def check(config_path: Path | None) -> None:
     click.echo(yaml.safe_dump(config.redacted(), sort_keys=False), nl=False)
 
 
+def _share_metrics(storage: Path) -> None:
+    """Count into ``<storage>/metrics`` (emptied now) in this process and its children.
+
+    Must run before anything imports ``prometheus_client``: it picks its storage at import.
+    """
+    import shutil
+
+    folder = storage / "metrics"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+
+
 @main.command()
 @_config_option
 @click.option(
@@ -81,11 +94,13 @@ def serve(config_path: Path | None, grace: float, worker: bool, forwarder: bool)
     supervises the forwarding process (``forwarding.separate_process``). A stop signal stops
     them all.
     """
+    config = _load(config_path)
+    configure_logging(config.logging.level)
+    if not (worker or forwarder) and config.web is not None and config.web.enabled:
+        _share_metrics(config.storage.path)
     from fiona.scp.server import Node
     from fiona.scp.workers import ChildPool, forwarder_pool
 
-    config = _load(config_path)
-    configure_logging(config.logging.level)
     stop = threading.Event()
 
     def _on_signal(_signum: int, _frame: Any) -> None:

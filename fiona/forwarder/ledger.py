@@ -46,6 +46,7 @@ from fiona.db import (
 from fiona.errors import ConfigError, DeidentificationError
 from fiona.forwarder.classify import Kind, Outcome
 from fiona.forwarder.prepared import PreparedFiles
+from fiona.metrics import DEIDENTIFY_SECONDS
 from fiona.requests import fail_request, study_key
 
 __all__ = [
@@ -250,7 +251,9 @@ def _prepare_one(
             continue
         outcome_error: str | None = None
         try:
-            result = anonymize_bytes((storage / rel_path).read_bytes(), settings.profile, context)
+            data = (storage / rel_path).read_bytes()
+            with DEIDENTIFY_SECONDS.time():
+                result = anonymize_bytes(data, settings.profile, context)
         except (OSError, DeidentificationError) as exc:
             outcome_error = f"cannot de-identify: {exc}"
             digest, uids = "", ("", "", "")

@@ -49,6 +49,7 @@ from fiona.forwarder.prepared import PreparedFiles
 from fiona.forwarder.senders import DicomSender, DicomWebSender, FolderSender, Prepared, Sender
 from fiona.forwarder.verify import verify_deliveries
 from fiona.heartbeat import Heartbeat
+from fiona.metrics import SEND_SECONDS
 from fiona.requests import activate_requests
 
 __all__ = ["Forwarder"]
@@ -222,7 +223,8 @@ class Forwarder:
             else:
                 prepared.append((item, path))
         if prepared:
-            results.extend(self.senders[destination].send(prepared))
+            with SEND_SECONDS.labels(destination).time():
+                results.extend(self.senders[destination].send(prepared))
         now = self.clock()
         record(self.session_factory, results, now, self.config.forwarding, self.node_key)
         self._account(destination, [outcome for _item, outcome in results], now)

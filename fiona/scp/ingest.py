@@ -20,6 +20,7 @@ from fiona.db.models import AuditEventType, Instance, QuarantinedFile
 from fiona.errors import StorageError
 from fiona.keys import keyed_hash
 from fiona.logs import get_logger
+from fiona.metrics import INSTANCES_RECEIVED
 from fiona.scp.header import HeaderError, InstanceHeader, read_header
 from fiona.scp.index import IndexWriter, InstanceRecord, StoreOutcome
 from fiona.scp.spool import Spool, file_digest, is_valid_uid
@@ -171,6 +172,7 @@ class Ingestor:
                 study_key=keyed_hash(self.node_key, header.study_instance_uid),
                 size_bytes=size,
             )
+        INSTANCES_RECEIVED.labels(outcome.value.lower()).inc()
         return IngestResult(Status.SUCCESS, None, outcome, header)
 
     def _undo_index(self, pending: Future[StoreOutcome], sop_instance_uid: str) -> None:
@@ -242,9 +244,11 @@ class Ingestor:
             reason=reason,
             path=self.spool.relative(target),
         )
+        INSTANCES_RECEIVED.labels("quarantined").inc()
         return IngestResult(Status.CANNOT_UNDERSTAND, f"quarantined: {reason}"[:64])
 
     def _refuse(self, facts: ReceiveFacts, status: int, reason: str) -> IngestResult:
+        INSTANCES_RECEIVED.labels("refused").inc()
         log.warning(
             "store refused",
             association_id=facts.association_id,

@@ -1,4 +1,5 @@
-"""``/metrics``: Prometheus text, computed from the database at each scrape.
+"""``/metrics``: Prometheus text: counts from the database at each scrape, plus the
+counters and histograms of :mod:`fiona.metrics` (all processes' under ``fiona serve``).
 
 Counts and ages only: no UID, name or pseudonym is ever a label. Label values are FIONA's own
 states, projects (configuration ids) and destination names.
@@ -6,10 +7,12 @@ states, projects (configuration ids) and destination names.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import func, select
 
 from fiona.audit import utcnow
@@ -100,6 +103,17 @@ class _Collector:
 
 
 def render_metrics(ctx: WebContext) -> tuple[bytes, str]:
+    from fiona import metrics
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(ctx))
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # fiona serve: every process's counts
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    else:
+        for collector in (
+            metrics.INSTANCES_RECEIVED,
+            metrics.DEIDENTIFY_SECONDS,
+            metrics.SEND_SECONDS,
+        ):
+            registry.register(collector)
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -237,6 +237,21 @@ def test_scripts_use_a_bearer_token(client: TestClient, node: NodeServices) -> N
     assert "/api/requests" in schema["paths"] and "/api/audit" in schema["paths"]
 
 
+def received(client: TestClient) -> float:
+    found = re.search(
+        r'fiona_instances_received_total\{outcome="stored"\} ([0-9.]+)', client.get("/metrics").text
+    )
+    return float(found.group(1)) if found else 0.0
+
+
+def test_metrics_count_received_instances(
+    client: TestClient, node: NodeServices, tmp_path: Path
+) -> None:
+    before = received(client)
+    ingest_study(node, tmp_path / "s", patient_id="PAT000777")
+    assert received(client) == before + 2
+
+
 def test_probes_and_metrics_name_no_study(client: TestClient) -> None:
     assert client.get("/healthz").text == "ok"
     ready = client.get("/readyz")

@@ -111,6 +111,11 @@ def test_a_project_admin_assigns_a_study_and_sees_it_delivered_and_audited(
         shot(page, "04-study-sent")
         assert pacs.wait_for_instances(4) == 4
 
+        metrics = requests.get(f"{base}/metrics", timeout=10).text  # all processes' counts
+        assert 'fiona_instances_received_total{outcome="stored"} 4.0' in metrics
+        assert "fiona_deidentify_seconds_count 4.0" in metrics  # the forwarding process's
+        assert 'fiona_send_seconds_count{destination="research-pacs"}' in metrics
+        assert "Doe" not in metrics and "PAT777001" not in metrics
         ready = requests.get(f"{base}/readyz", timeout=10).json()
         assert ready == {
             "ready": True,
