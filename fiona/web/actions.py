@@ -236,3 +236,77 @@ async def quarantine_action(request: Request, ctx: WebContext, user: WebUser) ->
     if request.url.path.startswith("/api/"):
         return JSONResponse({"message": message})
     return RedirectResponse(f"/quarantine?message={quote(message)}", status_code=303)
+
+
+async def users_page(request: Request, ctx: WebContext, user: WebUser) -> Response:
+    from sqlalchemy import select
+
+    from fiona.db import User
+
+    with ctx.session_factory() as session:
+        users = list(session.scalars(select(User).order_by(User.name)))
+    return _render(
+        request,
+        "users.html",
+        user,
+        users=users,
+        projects=sorted(ctx.config.projects),
+        message=request.query_params.get("message"),
+    )
+
+
+async def user_action(request: Request, ctx: WebContext, user: WebUser) -> Response:
+    """
+    summary: Add or change a user (name, role, projects, password), or disable one (admins).
+    responses:
+      303: {description: "done; back to the users page with a message"}
+    """
+    from urllib.parse import quote
+
+    from sqlalchemy import select
+
+    from fiona.audit import audit_event
+    from fiona.db import AuditEventType, User
+    from fiona.web.auth import UserError, add_user
+
+    form = await request.form()
+    name = str(form.get("name", "")).strip()
+    action = request.path_params["action"]
+    try:
+        with ctx.session_factory() as session, session.begin():
+            if action == "save":
+                role = UserRole(str(form.get("role", "")))
+                projects = [str(p) for p in form.getlist("projects")]
+                add_user(
+                    session,
+                    name,
+                    role,
+                    projects,
+                    str(form.get("password", "")),
+                    user.name,
+                    utcnow(),
+                    sorted(ctx.config.projects),
+                )
+                message = f"user {name} saved"
+            elif action == "disable":
+                if name == user.name:
+                    raise UserError("you cannot disable yourself")
+                found = session.scalars(select(User).where(User.name == name)).first()
+                if found is None:
+                    raise UserError(f"no user {name!r}")
+                found.disabled, found.updated_at = True, utcnow()
+                session.add(
+                    audit_event(
+                        AuditEventType.USER_CHANGED,
+                        actor=user.name,
+                        occurred_at=utcnow(),
+                        user=name,
+                        action="disabled",
+                    )
+                )
+                message = f"user {name} disabled"
+            else:
+                return _denied(request, 404, f"no action {action!r}")
+    except (UserError, ValueError) as exc:
+        message = f"not saved: {exc}"
+    return RedirectResponse(f"/users?message={quote(message)}", status_code=303)

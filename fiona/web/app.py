@@ -533,9 +533,11 @@ def create_app(ctx: WebContext) -> Starlette:
         request_action,
         subject_page,
         upload,
+        user_action,
+        users_page,
     )
     from fiona.web.export_pages import download_export, export_status, exports_page, start_export
-    from fiona.web.studies import assign, studies_page, study_page
+    from fiona.web.studies import assign, studies_page, study_by_uid, study_page, tags_page
     from fiona.web.upload import upload_dicom
 
     admin, readers, makers = ("admin",), ("admin", "auditor"), ("admin", "project")
@@ -557,13 +559,21 @@ def create_app(ctx: WebContext) -> Starlette:
         Route("/exports/{job_id:str}", page(ctx, export_status, roles=makers)),
         Route("/exports/{job_id:str}/download", page(ctx, download_export, roles=makers)),
         Route("/quarantine", page(ctx, quarantine_page, roles=admin)),
+        Route("/users", page(ctx, users_page, roles=admin)),
+        Route(
+            "/users/{action:str}",
+            page(ctx, user_action, change=True, roles=admin),
+            methods=["POST"],
+        ),
         Route(
             "/quarantine/{entry_id:int}/{action:str}",
             page(ctx, quarantine_action, change=True, roles=admin),
             methods=["POST"],
         ),
         Route("/studies", page(ctx, studies_page)),
+        Route("/studies/by-uid", page(ctx, study_by_uid)),
         Route("/studies/{study_id:int}", page(ctx, study_page)),
+        Route("/studies/{study_id:int}/tags", page(ctx, tags_page, roles=admin)),
         Route("/studies/{study_id:int}/assign", page(ctx, assign, change=True), methods=["POST"]),
         *_probe_routes(ctx),
         Route("/", page(ctx, dashboard)),

@@ -245,3 +245,39 @@ async def assign(request: Request, ctx: WebContext, user: WebUser) -> Response:
             source="web",
         )
     return RedirectResponse(f"/studies/{study_id}", status_code=303)
+
+
+async def study_by_uid(request: Request, ctx: WebContext, user: WebUser) -> Response:
+    uid = request.query_params.get("uid", "").strip()
+    with ctx.session_factory() as session:
+        found = session.scalar(select(Study.id).where(Study.study_instance_uid == uid))
+    if found is None:
+        return _denied(request, 404, "FIONA holds no study with that StudyInstanceUID")
+    return RedirectResponse(f"/studies/{found}", status_code=303)
+
+
+async def tags_page(request: Request, ctx: WebContext, user: WebUser) -> Response:
+    from fiona.errors import ConfigError
+    from fiona.tag_report import TagReportError, tag_report
+
+    study_id = int(request.path_params["study_id"])
+    project = request.query_params.get("project") or None
+    with ctx.session_factory() as session:
+        study = session.get(Study, study_id)
+        if study is None:
+            return _denied(request, 404, "no such study")
+        try:
+            chosen, series = tag_report(ctx.config, session, study.study_instance_uid, project)
+        except (TagReportError, ConfigError) as exc:
+            return _denied(request, 400, str(exc))
+    only_kept = bool(request.query_params.get("only_kept"))
+    return _render(
+        request,
+        "tags.html",
+        user,
+        study=study,
+        project=chosen,
+        series=series,
+        only_kept=only_kept,
+        projects=sorted(ctx.config.projects),
+    )

@@ -576,3 +576,51 @@ def test_readyz_wants_a_recent_forwarding_pass(tmp_path: Path, db_url: str) -> N
             assert web.get("/readyz").status_code == 200
     finally:
         services.close()
+
+
+def test_admins_manage_users_and_check_a_study_de_identification(
+    client: TestClient, node: NodeServices, tmp_path: Path
+) -> None:
+    uid = ingest_study(node, tmp_path / "s", patient_id="PAT424242", patient_name="Kept^Name")
+    assert login(client, "pia") == 303
+    assert client.get("/users").status_code == 403
+    assert client.get(f"/studies/{study_id_of(node, uid)}/tags").status_code == 403
+    client.cookies.clear()
+    assert login(client, "ada") == 303
+    token = csrf_of(client, "/users")
+    form = {
+        "csrf": token,
+        "name": "newbie",
+        "role": "project",
+        "projects": ["HEART"],
+        "password": "short",
+    }
+    assert (
+        "at least 12 characters"
+        in client.post("/users/save", data=form, follow_redirects=True).text
+    )
+    form["password"] = "a long enough password"
+    assert "user newbie saved" in client.post("/users/save", data=form, follow_redirects=True).text
+    assert (
+        "user pia disabled"
+        in client.post(
+            "/users/disable", data={"csrf": token, "name": "pia"}, follow_redirects=True
+        ).text
+    )
+    client.cookies.clear()
+    assert login(client, "pia") == 401  # disabled
+    assert login(client, "newbie", "a long enough password") == 303
+    assert [r["project"] for r in client.get("/api/requests").json()] == ["HEART"]
+    client.cookies.clear()
+    assert login(client, "ada") == 303
+    changed = [e.details for e in audit_rows(node, AuditEventType.USER_CHANGED) if e.actor == "ada"]
+    assert {(d["user"], d["action"]) for d in changed} == {("newbie", "added"), ("pia", "disabled")}
+    assert all("password" not in d for d in changed)
+
+    found = client.get("/studies/by-uid", params={"uid": uid})
+    assert found.headers["location"] == f"/studies/{study_id_of(node, uid)}"
+    tags = client.get(
+        f"/studies/{study_id_of(node, uid)}/tags", params={"project": "BICAM", "only_kept": "1"}
+    )
+    assert tags.status_code == 200
+    assert "StudyDescription" in tags.text and "PAT424242" not in tags.text  # ID changed
