@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -174,11 +175,13 @@ async def subject_page(request: Request, ctx: WebContext, user: WebUser) -> Resp
     from fiona.reports import resolve_subject, subject_report
 
     patient_id = request.query_params.get("patient_id", "").strip()
-    report = None
-    if patient_id:
+
+    def make() -> Any:
         with ctx.session_factory() as session:
             found = resolve_subject(session, ctx.node_key, patient_id=patient_id)
-            report = subject_report(session, ctx.node_key, found)
+            return subject_report(session, ctx.node_key, found)
+
+    report = await run_in_threadpool(make) if patient_id else None
     return _render(
         request,
         "subject.html",

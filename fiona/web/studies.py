@@ -14,6 +14,7 @@ from typing import Any
 
 from pydicom import dcmread
 from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
@@ -92,6 +93,11 @@ def _may_see(user: WebUser, requests: list[TransferRequest]) -> bool:
 
 
 async def studies_page(request: Request, ctx: WebContext, user: WebUser) -> Response:
+    # Reads the first file of each study listed: off the event loop.
+    return await run_in_threadpool(_studies_page, request, ctx, user)
+
+
+def _studies_page(request: Request, ctx: WebContext, user: WebUser) -> Response:
     args = request.query_params
     query = select(Study).order_by(Study.last_received_at.desc()).limit(LIST_LIMIT)
     if args.get("state") in ("RECEIVING", "STABLE"):
@@ -262,14 +268,21 @@ async def tags_page(request: Request, ctx: WebContext, user: WebUser) -> Respons
 
     study_id = int(request.path_params["study_id"])
     project = request.query_params.get("project") or None
-    with ctx.session_factory() as session:
-        study = session.get(Study, study_id)
-        if study is None:
-            return _denied(request, 404, "no such study")
-        try:
+
+    def report() -> tuple[Study | None, str, list[Any]]:
+        with ctx.session_factory() as session:
+            study = session.get(Study, study_id)
+            if study is None:
+                return None, "", []
             chosen, series = tag_report(ctx.config, session, study.study_instance_uid, project)
-        except (TagReportError, ConfigError) as exc:
-            return _denied(request, 400, str(exc))
+            return study, chosen, series
+
+    try:  # reads and de-identifies files: off the event loop
+        study, chosen, series = await run_in_threadpool(report)
+    except (TagReportError, ConfigError) as exc:
+        return _denied(request, 400, str(exc))
+    if study is None:
+        return _denied(request, 404, "no such study")
     only_kept = bool(request.query_params.get("only_kept"))
     return _render(
         request,
