@@ -9,21 +9,18 @@ the reason is given. *Delete* removes it for good. Both are audit rows naming th
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from fiona.audit import audit_event
 from fiona.db import AuditEventType, QuarantinedFile
-from fiona.scp.header import HeaderError, read_header
+from fiona.scp.header import HeaderError, checked_header
+from fiona.scp.importer import ingest_copy
 from fiona.scp.ingest import Ingestor, ReceiveFacts
-from fiona.scp.spool import Spool, is_valid_uid
+from fiona.scp.spool import Spool
 
 __all__ = ["QuarantineError", "delete_quarantined", "list_quarantined", "release_quarantined"]
 
@@ -79,28 +76,10 @@ def release_quarantined(
     if not source.is_file():
         raise QuarantineError(f"quarantined file {entry_id}: {relative} is gone")
     try:
-        header = read_header(source)
+        header = checked_header(source)
     except HeaderError as exc:
         raise QuarantineError(f"still not acceptable: {exc}") from None
-    bad = [
-        name
-        for name, uid in (
-            ("StudyInstanceUID", header.study_instance_uid),
-            ("SeriesInstanceUID", header.series_instance_uid),
-            ("SOPInstanceUID", header.sop_instance_uid),
-        )
-        if not is_valid_uid(uid)
-    ]
-    if bad:
-        raise QuarantineError(f"still not acceptable: invalid {', '.join(bad)}")
-    fd, tmp_name = tempfile.mkstemp(suffix=".dcm", dir=spool.tmp)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as data:
-            shutil.copyfileobj(data, out, 1 << 20)
-        result = ingestor.ingest(tmp, facts)
-    finally:
-        tmp.unlink(missing_ok=True)
+    result = ingest_copy(ingestor, source, facts)
     if not result.ok or result.outcome is None:
         raise QuarantineError(f"not stored: 0x{result.status:04X} {result.comment or ''}")
     with session_factory() as session, session.begin():

@@ -92,27 +92,16 @@ def token(config_path: Path | None, name: str) -> None:
 @click.argument("name")
 def disable(config_path: Path | None, name: str) -> None:
     """Lock NAME out (web sessions and API token); `fiona user add` enables them again."""
-    from sqlalchemy import select
-
-    from fiona.audit import audit_event, utcnow
-    from fiona.db import AuditEventType, User
+    from fiona.audit import utcnow
+    from fiona.web.auth import UserError, disable_user
 
     config = _load(config_path)
-    with _database(config) as sessions, sessions() as session, session.begin():
-        found = session.scalars(select(User).where(User.name == name)).first()
-        if found is None:
-            _fail(f"no user {name!r}", 2)
-        assert found is not None
-        found.disabled, found.updated_at = True, utcnow()
-        session.add(
-            audit_event(
-                AuditEventType.USER_CHANGED,
-                actor=getpass.getuser(),
-                occurred_at=utcnow(),
-                user=name,
-                action="disabled",
-            )
-        )
+    with _database(config) as sessions:
+        try:
+            with sessions() as session, session.begin():
+                disable_user(session, name, getpass.getuser(), utcnow())
+        except UserError as exc:
+            _fail(str(exc), 2)
     click.echo(f"user {name}: disabled")
 
 

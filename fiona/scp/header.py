@@ -13,6 +13,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from fiona.scp.spool import is_valid_uid
+
 __all__ = ["HeaderError", "InstanceHeader", "read_header", "read_series_header"]
 
 
@@ -180,3 +182,23 @@ def read_series_header(path: Path | str) -> dict[str, Any]:
         else:
             out[keyword] = _text(value)
     return out
+
+
+def checked_header(path: Path | str) -> InstanceHeader:
+    """:func:`read_header`, and the Study, Series and SOP Instance UIDs must be valid UIDs.
+
+    What a C-STORE (or an import, or a quarantine release) must pass; HeaderError otherwise.
+    """
+    header = read_header(path)
+    bad = [
+        name
+        for name, uid in (
+            ("StudyInstanceUID", header.study_instance_uid),
+            ("SeriesInstanceUID", header.series_instance_uid),
+            ("SOPInstanceUID", header.sop_instance_uid),
+        )
+        if not is_valid_uid(uid)
+    ]
+    if bad:
+        raise HeaderError(f"invalid {', '.join(bad)}")
+    return header

@@ -22,9 +22,9 @@ from pydicom.uid import MediaStorageDirectoryStorage
 
 from fiona.audit import audit_event
 from fiona.db.models import Association, AuditEventType
-from fiona.scp.ingest import Ingestor, ReceiveFacts
+from fiona.scp.ingest import Ingestor, IngestResult, ReceiveFacts
 
-__all__ = ["ImportReport", "import_folder", "iter_files"]
+__all__ = ["ImportReport", "import_folder", "ingest_copy", "iter_files"]
 
 
 @dataclass
@@ -59,6 +59,18 @@ def _skip_reason(path: Path) -> str | None:
     if meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
         return "DICOMDIR (a media index, not an instance)"
     return None
+
+
+def ingest_copy(ingestor: Ingestor, source: Path, facts: ReceiveFacts) -> IngestResult:
+    """Copy *source* into the spool's ``tmp/`` and ingest it exactly like a C-STORE."""
+    fd, tmp_name = tempfile.mkstemp(suffix=".dcm", dir=ingestor.spool.tmp)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, open(source, "rb") as data:
+            shutil.copyfileobj(data, out, 1 << 20)
+        return ingestor.ingest(tmp, facts)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def import_folder(
@@ -99,14 +111,7 @@ def import_folder(
         if reason is not None:
             report.skipped.append((str(path), reason))
             continue
-        fd, tmp_name = tempfile.mkstemp(suffix=".dcm", dir=ingestor.spool.tmp)
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as out, open(path, "rb") as source:
-                shutil.copyfileobj(source, out, 1 << 20)
-            result = ingestor.ingest(tmp, facts)
-        finally:
-            tmp.unlink(missing_ok=True)
+        result = ingest_copy(ingestor, path, facts)
         if result.ok and result.outcome is not None:
             report.outcomes[result.outcome.value] += 1
         else:

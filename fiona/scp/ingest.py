@@ -21,9 +21,9 @@ from fiona.errors import StorageError
 from fiona.keys import keyed_hash
 from fiona.logs import get_logger
 from fiona.metrics import INSTANCES_RECEIVED
-from fiona.scp.header import HeaderError, InstanceHeader, read_header
+from fiona.scp.header import HeaderError, InstanceHeader, checked_header
 from fiona.scp.index import IndexWriter, InstanceRecord, StoreOutcome
-from fiona.scp.spool import Spool, file_digest, is_valid_uid
+from fiona.scp.spool import Spool, file_digest
 
 __all__ = ["IngestResult", "Ingestor", "ReceiveFacts", "Status"]
 
@@ -110,18 +110,7 @@ class Ingestor:
         # incoming/ needs no more space, so the floor is checked as things stand.
         self.spool.check_space()
         try:
-            header = read_header(tmp_path)
-            bad = [
-                name
-                for name, uid in (
-                    ("StudyInstanceUID", header.study_instance_uid),
-                    ("SeriesInstanceUID", header.series_instance_uid),
-                    ("SOPInstanceUID", header.sop_instance_uid),
-                )
-                if not is_valid_uid(uid)
-            ]
-            if bad:
-                raise HeaderError(f"invalid {', '.join(bad)}")
+            header = checked_header(tmp_path)
             if (
                 expected_sop_instance_uid is not None
                 and expected_sop_instance_uid != header.sop_instance_uid

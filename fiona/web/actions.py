@@ -266,11 +266,7 @@ async def user_action(request: Request, ctx: WebContext, user: WebUser) -> Respo
     """
     from urllib.parse import quote
 
-    from sqlalchemy import select
-
-    from fiona.audit import audit_event
-    from fiona.db import AuditEventType, User
-    from fiona.web.auth import UserError, add_user
+    from fiona.web.auth import UserError, add_user, disable_user
 
     form = await request.form()
     name = str(form.get("name", "")).strip()
@@ -292,21 +288,7 @@ async def user_action(request: Request, ctx: WebContext, user: WebUser) -> Respo
                 )
                 message = f"user {name} saved"
             elif action == "disable":
-                if name == user.name:
-                    raise UserError("you cannot disable yourself")
-                found = session.scalars(select(User).where(User.name == name)).first()
-                if found is None:
-                    raise UserError(f"no user {name!r}")
-                found.disabled, found.updated_at = True, utcnow()
-                session.add(
-                    audit_event(
-                        AuditEventType.USER_CHANGED,
-                        actor=user.name,
-                        occurred_at=utcnow(),
-                        user=name,
-                        action="disabled",
-                    )
-                )
+                disable_user(session, name, user.name, utcnow())
                 message = f"user {name} disabled"
             else:
                 return _denied(request, 404, f"no action {action!r}")

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -34,6 +35,7 @@ __all__ = [
     "add_user",
     "check_password",
     "csrf_matches",
+    "disable_user",
     "hash_password",
     "issue_token",
     "new_csrf_token",
@@ -116,19 +118,42 @@ def add_user(
         user = User(name=name, created_at=now, disabled=False)
         session.add(user)
     user.role, user.projects, user.password_hash = role, sorted(projects), digest
+    user.disabled = False
+    _changed(session, user, actor, now, action, role=role.value, projects=sorted(projects))
+    return user
+
+
+def _named(session: Session, name: str) -> User:
+    user = session.scalars(select(User).where(User.name == name)).first()
+    if user is None:
+        raise UserError(f"no user {name!r}")
+    return user
+
+
+def _changed(
+    session: Session, user: User, actor: str, now: datetime, action: str, **details: Any
+) -> None:
+    """Stamp *user* changed now and audit it (never with a password or token)."""
     user.updated_at = now
     session.add(
         audit_event(
             AuditEventType.USER_CHANGED,
             actor=actor,
             occurred_at=now,
-            user=name,
+            user=user.name,
             action=action,
-            role=role.value,
-            projects=sorted(projects),
+            **details,
         )
     )
-    return user
+
+
+def disable_user(session: Session, name: str, actor: str, now: datetime) -> None:
+    """Lock *name* out: web sessions end at their next request, the API token stops working."""
+    if name == actor:
+        raise UserError("you cannot disable yourself")
+    user = _named(session, name)
+    user.disabled = True
+    _changed(session, user, actor, now, "disabled")
 
 
 def _token_digest(token: str) -> str:
@@ -137,21 +162,10 @@ def _token_digest(token: str) -> str:
 
 def issue_token(session: Session, name: str, actor: str, now: datetime) -> str:
     """A new API token for *name* (replaces the old one); returned once, stored hashed."""
-    user = session.scalars(select(User).where(User.name == name)).first()
-    if user is None:
-        raise UserError(f"no user {name!r}")
+    user = _named(session, name)
     token = "fiona_" + secrets.token_urlsafe(32)
     user.token_hash = _token_digest(token)
-    user.updated_at = now
-    session.add(
-        audit_event(
-            AuditEventType.USER_CHANGED,
-            actor=actor,
-            occurred_at=now,
-            user=name,
-            action="token issued",
-        )
-    )
+    _changed(session, user, actor, now, "token issued")
     return token
 
 

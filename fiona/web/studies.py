@@ -86,6 +86,20 @@ def _requests_by_study(session: Any, uids: list[str]) -> dict[str, list[Transfer
     return found
 
 
+def _study_for(
+    session: Any, request: Request, user: WebUser, study_id: int
+) -> tuple[Study | None, list[TransferRequest], Response | None]:
+    """The study, its live requests, or the refusal (404, or 403 for another project's)."""
+    study = session.get(Study, study_id)
+    if study is None:
+        return None, [], _denied(request, 404, "no such study")
+    uid = study.study_instance_uid
+    requests = _requests_by_study(session, [uid]).get(uid, [])
+    if not _may_see(user, requests):
+        return None, [], _denied(request, 403, "not a study of your projects")
+    return study, requests, None
+
+
 def _may_see(user: WebUser, requests: list[TransferRequest]) -> bool:
     if user.role != UserRole.PROJECT:
         return True
@@ -160,14 +174,10 @@ async def study_page(request: Request, ctx: WebContext, user: WebUser) -> Respon
 
     study_id = int(request.path_params["study_id"])
     with ctx.session_factory() as session:
-        study = session.get(Study, study_id)
-        if study is None:
-            return _denied(request, 404, "no such study")
-        requests = _requests_by_study(session, [study.study_instance_uid]).get(
-            study.study_instance_uid, []
-        )
-        if not _may_see(user, requests):
-            return _denied(request, 403, "not a study of your projects")
+        study, requests, refused = _study_for(session, request, user, study_id)
+        if refused is not None:
+            return refused
+        assert study is not None
         series = list(
             session.scalars(select(Series).where(Series.study_id == study.id).order_by(Series.id))
         )
@@ -231,14 +241,10 @@ async def assign(request: Request, ctx: WebContext, user: WebUser) -> Response:
     if not pseudonym:
         return _denied(request, 400, "a pseudonym is needed")
     with ctx.session_factory() as session, session.begin():
-        study = session.get(Study, study_id)
-        if study is None:
-            return _denied(request, 404, "no such study")
-        requests = _requests_by_study(session, [study.study_instance_uid]).get(
-            study.study_instance_uid, []
-        )
-        if not _may_see(user, requests):
-            return _denied(request, 403, "not a study of your projects")
+        study, _requests, refused = _study_for(session, request, user, study_id)
+        if refused is not None:
+            return refused
+        assert study is not None
         create_request(
             session,
             study_instance_uid=study.study_instance_uid,
