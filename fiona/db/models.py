@@ -148,6 +148,10 @@ class AuditEventType(enum.Enum):
     """A web user made an export package of a project's de-identified data."""
     EXPORT_DOWNLOADED = "EXPORT_DOWNLOADED"
     """An export package was downloaded."""
+    ECHO_TESTED = "ECHO_TESTED"
+    """A web user C-ECHOed a destination (the result)."""
+    PROTECTED_VIEWED = "PROTECTED_VIEWED"
+    """A web user read a protected report (subject report, de-identification check)."""
     LOGOUT = "LOGOUT"
     """A user logged out."""
 

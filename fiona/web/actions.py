@@ -12,8 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from fiona.audit import utcnow
-from fiona.db import TransferRequest, UserRole
-from fiona.web.app import WebContext, _denied, _render
+from fiona.db import AuditEventType, TransferRequest, UserRole
+from fiona.web.app import WebContext, _audit, _denied, _render
 from fiona.web.auth import WebUser
 
 __all__ = ["config_page", "echo", "request_action", "subject_page", "upload"]
@@ -166,6 +166,8 @@ async def echo(request: Request, ctx: WebContext, user: WebUser) -> Response:
         ctx.config.node.ae_title,
         timeout=5,
     )
+    _audit(ctx, AuditEventType.ECHO_TESTED, user.name, destination=name, ok=ok, result=message)
+
     if request.url.path.startswith("/api/"):
         return JSONResponse({"ok": ok, "message": message})
     return RedirectResponse(f"/config?echo={quote(message)}", status_code=303)
@@ -182,6 +184,14 @@ async def subject_page(request: Request, ctx: WebContext, user: WebUser) -> Resp
             return subject_report(session, ctx.node_key, found)
 
     report = await run_in_threadpool(make) if patient_id else None
+    if report is not None:  # reading who got a person's data is itself recorded
+        _audit(
+            ctx,
+            AuditEventType.PROTECTED_VIEWED,
+            user.name,
+            page="subject report",
+            patient_key=report.subject.patient_key,
+        )
     return _render(
         request,
         "subject.html",
@@ -295,3 +305,55 @@ async def user_action(request: Request, ctx: WebContext, user: WebUser) -> Respo
     except (UserError, ValueError) as exc:
         message = f"not saved: {exc}"
     return RedirectResponse(f"/users?message={quote(message)}", status_code=303)
+
+
+async def new_request(request: Request, ctx: WebContext, user: WebUser) -> Response:
+    """
+    summary: Add a transfer request naming a study by StudyInstanceUID, AccessionNumber, or
+      PatientID and StudyDate (the same checks as `fiona request add`).
+    responses:
+      200: {description: "the new request's id"}
+      400: {description: "what is wrong with the entry"}
+    """
+    from fiona.requests import create_request, entry_problems
+
+    form = await request.form()
+
+    def field(name: str) -> str:
+        return str(form.get(name, "") or "").strip()
+
+    project = field("project")
+    if project and not user.may_see_project(project):
+        return _denied(request, 403, "not one of your projects")
+    problems = entry_problems(
+        ctx.config,
+        field("study_uid"),
+        project,
+        field("accession"),
+        field("patient_id"),
+        field("study_date"),
+    )
+    if not field("pseudonym"):
+        problems.append("a pseudonym is needed")
+    if problems:
+        return _denied(request, 400, "; ".join(problems))
+    with ctx.session_factory() as session, session.begin():
+        created = create_request(
+            session,
+            study_instance_uid=field("study_uid"),
+            accession_number=field("accession"),
+            patient_id=field("patient_id"),
+            study_date=field("study_date"),
+            project=project,
+            pseudonym=field("pseudonym"),
+            event=field("event"),
+            site=field("site") or None,
+            requested_by=user.name,
+            now=utcnow(),
+            node_key=ctx.node_key,
+            source="web",
+        )
+        request_id = created.id
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"id": request_id})
+    return RedirectResponse("/requests", status_code=303)

@@ -316,7 +316,8 @@ def _request_data(request: TransferRequest) -> dict[str, Any]:
 
 async def requests_page(request: Request, ctx: WebContext, user: WebUser) -> Response:
     rows = [_request_data(r) for r in _visible_requests(ctx, user)]
-    return _render(request, "requests.html", user, requests=rows)
+    projects = sorted(user.projects if user.role.value == "project" else ctx.config.projects)
+    return _render(request, "requests.html", user, requests=rows, projects=projects)
 
 
 async def api_requests(request: Request, ctx: WebContext, user: WebUser) -> Response:
@@ -557,6 +558,7 @@ def create_app(ctx: WebContext) -> Starlette:
     from fiona.web.actions import (
         config_page,
         echo,
+        new_request,
         quarantine_action,
         quarantine_page,
         request_action,
@@ -566,7 +568,14 @@ def create_app(ctx: WebContext) -> Starlette:
         users_page,
     )
     from fiona.web.export_pages import download_export, export_status, exports_page, start_export
-    from fiona.web.studies import assign, studies_page, study_by_uid, study_page, tags_page
+    from fiona.web.studies import (
+        api_studies,
+        assign,
+        studies_page,
+        study_by_uid,
+        study_page,
+        tags_page,
+    )
     from fiona.web.upload import upload_dicom
 
     admin, readers, makers = ("admin",), ("admin", "auditor"), ("admin", "project")
@@ -588,6 +597,8 @@ def create_app(ctx: WebContext) -> Starlette:
         Route("/exports/{job_id:str}", page(ctx, export_status, roles=makers)),
         Route("/exports/{job_id:str}/download", page(ctx, download_export, roles=makers)),
         Route("/quarantine", page(ctx, quarantine_page, roles=admin)),
+        Route("/requests/new", page(ctx, new_request, change=True), methods=["POST"]),
+        Route("/api/requests/new", page(ctx, new_request, change=True), methods=["POST"]),
         Route("/users", page(ctx, users_page, roles=admin)),
         Route(
             "/users/{action:str}",
@@ -612,6 +623,7 @@ def create_app(ctx: WebContext) -> Starlette:
         ),
         Route("/audit", page(ctx, audit_page)),
         Route("/api/status", page(ctx, api_status)),
+        Route("/api/studies", page(ctx, api_studies)),
         Route("/api/requests", page(ctx, api_requests)),
         Route(
             "/api/requests/{request_id:int}/cancel",

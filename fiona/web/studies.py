@@ -8,6 +8,7 @@ the unassigned ones (to assign them), nothing else.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from typing import Any
@@ -16,10 +17,11 @@ from pydicom import dcmread
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from fiona.audit import utcnow
 from fiona.db import (
+    AuditEventType,
     Delivery,
     Instance,
     RequestStatus,
@@ -29,7 +31,8 @@ from fiona.db import (
     TransferRequest,
     UserRole,
 )
-from fiona.web.app import WebContext, _denied, _render
+from fiona.keys import keyed_hash
+from fiona.web.app import WebContext, _audit, _denied, _render
 from fiona.web.auth import WebUser
 
 __all__ = ["assign", "mask_id", "mask_name", "studies_page", "study_page"]
@@ -111,17 +114,16 @@ async def studies_page(request: Request, ctx: WebContext, user: WebUser) -> Resp
     return await run_in_threadpool(_studies_page, request, ctx, user)
 
 
-def _studies_page(request: Request, ctx: WebContext, user: WebUser) -> Response:
-    args = request.query_params
+def _study_rows(ctx: WebContext, user: WebUser, args: Any) -> list[Row]:
+    """The studies *user* may see that match the filters (ValueError for a bad date)."""
     query = select(Study).order_by(Study.last_received_at.desc()).limit(LIST_LIMIT)
+    if args.get("study_date"):
+        query = query.where(Study.study_date == args["study_date"])
     if args.get("state") in ("RECEIVING", "STABLE"):
         query = query.where(Study.state == StudyState(args["state"]))
-    try:
-        if args.get("since"):
-            since = datetime.combine(date.fromisoformat(args["since"]), time(), UTC)
-            query = query.where(Study.last_received_at >= since)
-    except ValueError:
-        return _denied(request, 400, "since: give YYYY-MM-DD")
+    if args.get("since"):
+        since = datetime.combine(date.fromisoformat(args["since"]), time(), UTC)
+        query = query.where(Study.last_received_at >= since)
     rows: list[Row] = []
     with ctx.session_factory() as session:
         studies = list(session.scalars(query))
@@ -144,7 +146,16 @@ def _studies_page(request: Request, ctx: WebContext, user: WebUser) -> Response:
             name, pid = _patient(ctx, path, user)
             projects = sorted({r.transfer_project_name for r in requests})
             rows.append(Row(study, calling, called, name, pid, projects))
-    dates = sorted({(r.study.study_date or "")[:8] for r in rows if r.study.study_date})
+    return rows
+
+
+def _studies_page(request: Request, ctx: WebContext, user: WebUser) -> Response:
+    args = request.query_params
+    try:
+        rows = _study_rows(ctx, user, args)
+    except ValueError:
+        return _denied(request, 400, "since: give YYYY-MM-DD")
+    dates = [r.study.study_date for r in rows if r.study.study_date]
     projects = sorted(user.projects if user.role == UserRole.PROJECT else ctx.config.projects)
     return _render(
         request,
@@ -158,13 +169,69 @@ def _studies_page(request: Request, ctx: WebContext, user: WebUser) -> Response:
     )
 
 
-def _calendar(dates: list[str]) -> list[tuple[str, int]]:
-    """Study dates → studies per month (``YYYY-MM``), for the overview."""
-    months: dict[str, int] = {}
-    for value in dates:
-        month = f"{value[:4]}-{value[4:6]}"
-        months[month] = months.get(month, 0) + 1
-    return sorted(months.items())
+async def api_studies(request: Request, ctx: WebContext, user: WebUser) -> Response:
+    """
+    summary: Received studies the caller may see, newest first (filters state, ae, since,
+      study_date, unassigned; patient name and ID masked except for admins).
+    responses:
+      200: {description: "a list of studies"}
+    """
+    try:
+        rows = await run_in_threadpool(_study_rows, ctx, user, request.query_params)
+    except ValueError:
+        return _denied(request, 400, "since: give YYYY-MM-DD")
+    return JSONResponse(
+        [
+            {
+                "id": r.study.id,
+                "study_instance_uid": r.study.study_instance_uid,
+                "state": r.study.state.value,
+                "study_date": r.study.study_date,
+                "first_received_at": r.study.first_received_at.isoformat(),
+                "last_received_at": r.study.last_received_at.isoformat(),
+                "instances": r.study.instance_count,
+                "calling_ae_title": r.calling,
+                "called_ae_title": r.called,
+                "patient_name": r.patient_name,
+                "patient_id": r.patient_id,
+                "projects": r.projects,
+            }
+            for r in rows
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class Month:
+    title: str
+    weeks: list[list[tuple[int, int, str]]]
+    """Monday-first weeks of (day or 0, studies that day, ``YYYYMMDD``)."""
+
+
+def _calendar(dates: list[str]) -> list[Month]:
+    """Study dates (``YYYYMMDD``, one per study) → month grids with studies per day."""
+    import calendar as cal
+
+    per_day = Counter(d for d in dates if len(d) == 8 and d.isdigit())
+    months = sorted({(int(d[:4]), int(d[4:6])) for d in per_day if 1 <= int(d[4:6]) <= 12})
+    grid = cal.Calendar(firstweekday=0)
+    return [
+        Month(
+            f"{year}-{month:02d}",
+            [
+                [
+                    (
+                        day,
+                        per_day.get(f"{year}{month:02d}{day:02d}", 0) if day else 0,
+                        f"{year}{month:02d}{day:02d}" if day else "",
+                    )
+                    for day in week
+                ]
+                for week in grid.monthdayscalendar(year, month)
+            ],
+        )
+        for year, month in months[-12:]  # the last twelve months with studies
+    ]
 
 
 async def study_page(request: Request, ctx: WebContext, user: WebUser) -> Response:
@@ -289,6 +356,14 @@ async def tags_page(request: Request, ctx: WebContext, user: WebUser) -> Respons
         return _denied(request, 400, str(exc))
     if study is None:
         return _denied(request, 404, "no such study")
+    _audit(
+        ctx,
+        AuditEventType.PROTECTED_VIEWED,
+        user.name,
+        page="de-identification check",
+        study_key=keyed_hash(ctx.node_key, study.study_instance_uid),
+        project=chosen,
+    )
     only_kept = bool(request.query_params.get("only_kept"))
     return _render(
         request,

@@ -482,6 +482,11 @@ def test_c_echo_from_the_configuration_page(tmp_path: Path, db_url: str) -> None
                     "/destinations/pacs/echo", data={"csrf": token}, follow_redirects=True
                 )
                 assert "no association" in failed.text
+            with services.session_factory() as session:
+                echoes = session.scalars(
+                    select(AuditEvent).where(AuditEvent.event_type == AuditEventType.ECHO_TESTED)
+                ).all()
+            assert [(e.actor, e.details["ok"]) for e in echoes] == [("ada", True), ("ada", False)]
         finally:
             services.close()
 
@@ -624,3 +629,35 @@ def test_admins_manage_users_and_check_a_study_de_identification(
     )
     assert tags.status_code == 200
     assert "StudyDescription" in tags.text and "PAT424242" not in tags.text  # ID changed
+
+
+def test_study_api_calendar_request_form_and_protected_views_are_audited(
+    client: TestClient, node: NodeServices, tmp_path: Path
+) -> None:
+    uid = ingest_study(node, tmp_path / "s", patient_id="PAT313131", patient_name="Cal^Endar")
+    assert login(client, "pia") == 303
+    (listed,) = [s for s in client.get("/api/studies").json() if s["study_instance_uid"] == uid]
+    assert (listed["patient_name"], listed["patient_id"]) == ("C. E.", "•••131")
+    assert listed["calling_ae_title"] == "CT7" and listed["projects"] == []
+    page = client.get("/studies").text
+    assert "2024-01" in page and 'href="/studies?study_date=20240102"' in page
+    assert "Cal" not in client.get("/studies", params={"study_date": "19990101"}).text
+    token = csrf_of(client, "/requests")
+    form = {"csrf": token, "project": "BICAM", "pseudonym": "BICAM090", "patient_id": "PAT313131"}
+    refused = client.post("/requests/new", data=form)
+    assert refused.status_code == 400 and "PatientID and StudyDate go together" in refused.text
+    form["study_date"] = "20240102"
+    assert client.post("/requests/new", data=form).status_code == 303
+    assert client.post("/requests/new", data={**form, "project": "HEART"}).status_code == 403
+    with node.session_factory() as session:
+        made = session.scalars(
+            select(TransferRequest).where(TransferRequest.transfer_name == "BICAM090")
+        ).one()
+    assert (made.source, made.requested_by, made.patient_id) == ("web", "pia", "PAT313131")
+
+    client.cookies.clear()
+    assert login(client, "aud") == 303
+    assert "BICAM090" in client.get("/subject", params={"patient_id": "PAT313131"}).text
+    (viewed,) = audit_rows(node, AuditEventType.PROTECTED_VIEWED)
+    assert viewed.actor == "aud" and viewed.details["page"] == "subject report"
+    assert viewed.patient_key and "PAT313131" not in str(viewed.details)
