@@ -615,6 +615,17 @@ def create_app(ctx: WebContext) -> Starlette:
         Route("/studies/{study_id:int}", page(ctx, study_page)),
         Route("/studies/{study_id:int}/tags", page(ctx, tags_page, roles=admin)),
         Route("/studies/{study_id:int}/assign", page(ctx, assign, change=True), methods=["POST"]),
+        Route(
+            "/api/studies/{study_id:int}/assign", page(ctx, assign, change=True), methods=["POST"]
+        ),
+        Route(
+            "/api/quarantine/{entry_id:int}/{action:str}",
+            page(ctx, quarantine_action, change=True, roles=admin),
+            methods=["POST"],
+        ),
+        Route("/api/exports", page(ctx, start_export, change=True, roles=makers), methods=["POST"]),
+        Route("/api/exports/{job_id:str}", page(ctx, export_status, roles=makers)),
+        Route("/api/exports/{job_id:str}/download", page(ctx, download_export, roles=makers)),
         *_probe_routes(ctx),
         Route("/", page(ctx, dashboard)),
         Route("/requests", page(ctx, requests_page)),

@@ -312,7 +312,7 @@ async def assign(request: Request, ctx: WebContext, user: WebUser) -> Response:
         if refused is not None:
             return refused
         assert study is not None
-        create_request(
+        created = create_request(
             session,
             study_instance_uid=study.study_instance_uid,
             project=project,
@@ -323,6 +323,8 @@ async def assign(request: Request, ctx: WebContext, user: WebUser) -> Response:
             node_key=ctx.node_key,
             source="web",
         )
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"id": created.id})
     return RedirectResponse(f"/studies/{study_id}", status_code=303)
 
 

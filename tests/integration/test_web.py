@@ -6,6 +6,7 @@ database (SQLite and PostgreSQL); the last test logs in to a running ``fiona ser
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import subprocess
@@ -661,3 +662,39 @@ def test_study_api_calendar_request_form_and_protected_views_are_audited(
     (viewed,) = audit_rows(node, AuditEventType.PROTECTED_VIEWED)
     assert viewed.actor == "aud" and viewed.details["page"] == "subject report"
     assert viewed.patient_key and "PAT313131" not in str(viewed.details)
+
+
+def test_scripts_assign_and_export_through_the_api(
+    client: TestClient, node: NodeServices, tmp_path: Path
+) -> None:
+    uid = ingest_study(node, tmp_path / "s", patient_id="PAT646464")
+    with node.session_factory() as session, session.begin():
+        headers = {"authorization": f"Bearer {issue_token(session, 'pia', 'test', utcnow())}"}
+    study_id = study_id_of(node, uid)
+    made = client.post(
+        f"/api/studies/{study_id}/assign",
+        headers=headers,
+        data={"project": "BICAM", "pseudonym": "BICAM123"},
+    )
+    assert made.status_code == 200 and isinstance(made.json()["id"], int)
+    refused = client.post(
+        f"/api/studies/{study_id}/assign",
+        headers=headers,
+        data={"project": "HEART", "pseudonym": "HEART123"},
+    )
+    assert refused.status_code == 403 and refused.json() == {"error": "not one of your projects"}
+    job = client.post("/api/exports", headers=headers, data={"project": "BICAM"}).json()
+    status = poll(
+        lambda: (
+            (s := client.get(f"/api/exports/{job['id']}", headers=headers).json())["state"]
+            != "running"
+            and s
+        ),
+        30,
+        "the export",
+    )
+    assert status["state"] == "done" and status["total"] == 0  # nothing acknowledged yet
+    package = client.get(f"/api/exports/{job['id']}/download", headers=headers)
+    assert package.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(package.content)) as archive:
+        assert archive.namelist() == ["manifest.json"]
