@@ -9,6 +9,7 @@ name and a CSRF token; every form post must carry that token. The API takes the 
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 from collections.abc import Awaitable, Callable, Iterator
@@ -120,7 +121,8 @@ def _denied(request: Request, status: int, message: str) -> Response:
         return JSONResponse({"error": message}, status_code=status)
     if status == 401:
         return RedirectResponse("/login", status_code=303)
-    return HTMLResponse(f"<h1>{status}</h1><p>{message}</p>", status_code=status)
+    # Messages can quote what the user sent (a path, a field): escaped, never markup.
+    return HTMLResponse(f"<h1>{status}</h1><p>{html.escape(message)}</p>", status_code=status)
 
 
 Handler = Callable[[Request, WebContext, WebUser], Awaitable[Response]]

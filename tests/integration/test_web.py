@@ -698,3 +698,19 @@ def test_scripts_assign_and_export_through_the_api(
     assert package.headers["content-type"] == "application/zip"
     with zipfile.ZipFile(io.BytesIO(package.content)) as archive:
         assert archive.namelist() == ["manifest.json"]
+
+
+def test_error_pages_escape_what_the_user_sent(client: TestClient) -> None:
+    assert login(client, "ada") == 303
+    token = csrf_of(client, "/requests")
+    shown = client.post(
+        "/requests/new",
+        data={
+            "csrf": token,
+            "project": "<script>1</script>",  # quoted back in the error
+            "pseudonym": "X",
+            "study_uid": "1.2.3",
+        },
+    )
+    assert shown.status_code == 400
+    assert "<script>" not in shown.text and "&lt;script&gt;" in shown.text
