@@ -90,7 +90,7 @@ def install(rec: Recorder, variant: str) -> None:
     from fiona.db import engine as db_engine
     from fiona.scp import handlers, index, ingest, spool
 
-    ingest.read_header = timed(rec, "header parse (read_header)", ingest.read_header)
+    ingest.checked_header = timed(rec, "header parse (checked_header)", ingest.checked_header)
     if variant == "no-digest":
 
         def no_digest(path: Any) -> tuple[str, int]:
@@ -151,12 +151,32 @@ def install(rec: Recorder, variant: str) -> None:
     def receive_primitive(self: Any, primitive: Any) -> None:
         before = self.msg_queue.qsize()
         t0 = time.perf_counter()
+        c0 = time.thread_time()
         original_recv(self, primitive)
         rec.add("pynetdicom P-DATA handling (DUL thread)", time.perf_counter() - t0)
+        rec.add("pynetdicom P-DATA handling, thread CPU", time.thread_time() - c0)
         if self.msg_queue.qsize() > before:
             rec.mark("msg_ready")
 
     pynetdicom.dimse.DIMSEServiceProvider.receive_primitive = receive_primitive
+
+    original_read = pynetdicom.dul.DULServiceProvider._read_pdu_data
+    original_decode = pynetdicom.dul.DULServiceProvider._decode_pdu
+
+    def read_pdu_data(self: Any) -> None:
+        t0 = time.perf_counter()
+        original_read(self)
+        rec.add("pynetdicom PDU read + decode (DUL thread)", time.perf_counter() - t0)
+
+    def decode_pdu(self: Any, data: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return original_decode(self, data)
+        finally:
+            rec.add("pynetdicom PDU decode (DUL thread)", time.perf_counter() - t0)
+
+    pynetdicom.dul.DULServiceProvider._read_pdu_data = read_pdu_data  # type: ignore[method-assign]
+    pynetdicom.dul.DULServiceProvider._decode_pdu = decode_pdu  # type: ignore[method-assign]
 
     original_send = pynetdicom.dul.DULServiceProvider._send
 
@@ -364,7 +384,11 @@ def main(argv: list[str] | None = None) -> int:
         names = list(mine[0]["stages"])
         for name in names:
             vals = [r["stages"][name]["mean_ms"] for r in mine if name in r["stages"]]
-            print(f"  {name:55s} {statistics.median(vals):7.3f}")
+            calls = [r["stages"][name]["calls"] for r in mine if name in r["stages"]]
+            print(
+                f"  {name:55s} {statistics.median(vals):7.3f}"
+                f"  ({statistics.median(calls) / args.count:.1f} calls/instance)"
+            )
         print("  cycle (handler entry → next handler entry):")
         for name in mine[0]["cycle_ms"]:
             vals = [r["cycle_ms"][name] for r in mine if name in r["cycle_ms"]]

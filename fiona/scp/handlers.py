@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import types
 import uuid
 import weakref
 from dataclasses import dataclass, field
@@ -29,6 +30,29 @@ __all__ = ["AssociationContext", "Rejection", "ScpHandlers"]
 log = get_logger(__name__)
 
 DUL_POLL_SECONDS = 0.0002
+
+
+def _recv_exactly(self: Any, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv`` reading straight into one buffer.
+
+    pynetdicom 3.0.4 reads a PDU in 4,096-byte ``socket.recv`` calls, each a new bytes
+    object appended to a growing bytearray: ~128 calls per 0.5 MB instance. This reads
+    into a buffer of the PDU's size with ``recv_into`` (as many bytes as the kernel has).
+    Same contract: blocks until `nr_bytes` are read or the peer closes (then returns what
+    was read); socket errors and timeouts propagate.
+    """
+    buffer = bytearray(nr_bytes)
+    view = memoryview(buffer)
+    received = 0
+    with view:
+        while received < nr_bytes:
+            count = self.socket.recv_into(view[received:], nr_bytes - received)
+            if not count:
+                break
+            received += count
+    if received < nr_bytes:
+        del buffer[received:]
+    return buffer
 
 
 @dataclass
@@ -111,6 +135,9 @@ class ScpHandlers:
         except OSError:
             pass
         event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS
+        transport = event.assoc.dul.socket
+        if transport is not None:
+            transport.recv = types.MethodType(_recv_exactly, transport)
 
     def handle_requested(self, event: Any) -> None:
         assoc = event.assoc

@@ -7,8 +7,10 @@ cannot accept are quarantined, never dropped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from concurrent.futures import Future
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +68,20 @@ class IngestResult:
         return self.status == Status.SUCCESS
 
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _wait_quietly(future: Future[None]) -> None:
+    """Wait for an fsync of a file not kept as it stands (the quarantine syncs again)."""
+    with contextlib.suppress(OSError):
+        future.result()
+
+
 class Ingestor:
     """Takes received files into the spool and the index."""
 
@@ -74,6 +90,13 @@ class Ingestor:
         self.writer = writer
         self.node_key = node_key
         self.clock = clock
+        # fsyncs of received files run here while the header is parsed and the file hashed
+        # (both need only the page cache): one thread per concurrent association is plenty.
+        self._syncer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fiona-fsync")
+
+    def close(self) -> None:
+        """Wait for fsyncs in flight (there are none once the associations ended)."""
+        self._syncer.shutdown(wait=True)
 
     def ingest(
         self,
@@ -109,22 +132,46 @@ class Ingestor:
         # The received bytes already sit in tmp/ on the spool filesystem: the rename into
         # incoming/ needs no more space, so the floor is checked as things stand.
         self.spool.check_space()
+        # The file's data goes to disk while this thread parses and hashes it (hashing in
+        # another thread too was measured slower: the parse then waits for the GIL);
+        # whatever happens next, this function returns only after that fsync finished.
+        synced = (
+            self._syncer.submit(_fsync_path, tmp_path)
+            if fd is None
+            else self._syncer.submit(os.fsync, fd)
+        )
         try:
-            header = checked_header(tmp_path)
-            if (
-                expected_sop_instance_uid is not None
-                and expected_sop_instance_uid != header.sop_instance_uid
-            ):
-                raise HeaderError("SOPInstanceUID differs from the C-STORE request")
-        except HeaderError as exc:
-            return self._quarantine(tmp_path, facts, str(exc), expected_sop_instance_uid)
+            try:
+                header = checked_header(tmp_path)
+                if (
+                    expected_sop_instance_uid is not None
+                    and expected_sop_instance_uid != header.sop_instance_uid
+                ):
+                    raise HeaderError("SOPInstanceUID differs from the C-STORE request")
+            except HeaderError as exc:
+                _wait_quietly(synced)
+                return self._quarantine(tmp_path, facts, str(exc), expected_sop_instance_uid)
+            digest, size = file_digest(tmp_path)
+        except BaseException:
+            _wait_quietly(synced)
+            raise
+        return self._place(tmp_path, facts, header, digest, size, synced)
 
-        digest, size = file_digest(tmp_path)
+    def _place(
+        self,
+        tmp_path: Path,
+        facts: ReceiveFacts,
+        header: InstanceHeader,
+        digest: str,
+        size: int,
+        synced: Future[None],
+    ) -> IngestResult:
+        """Index the file and, once its fsync is done, rename it into place (both must work)."""
         final = self.spool.instance_path(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
-        # The index commit (a WAL fsync) runs in the writer thread while this thread
-        # fsyncs and renames the file: success waits for both. A crash between the two
+        # The index commit (a WAL fsync) runs in the writer thread while the file's data
+        # is synced and it is renamed into place: success waits for both. A crash between the two
         # leaves a row without a file or a file without a row; restart reconciliation
         # repairs either, and the sender, never acknowledged, sends again.
         record = InstanceRecord(
@@ -140,7 +187,11 @@ class Ingestor:
         )
         pending = self.writer.index_instance(record)
         try:
-            self.spool.commit_file(tmp_path, final, fd=fd)
+            try:
+                synced.result()
+            except OSError as exc:
+                raise self.spool.storage_error(exc) from exc
+            self.spool.commit_file(tmp_path, final, synced=True)
         except StorageError:
             self._undo_index(pending, header.sop_instance_uid)
             raise

@@ -109,6 +109,7 @@ class NodeServices:
     clock: Clock
 
     def close(self) -> None:
+        self.ingestor.close()
         self.writer.stop()
         self.engine.dispose()
 

@@ -14,6 +14,7 @@ committed and the success status returned.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -122,7 +123,7 @@ class Spool:
     def relative(self, path: Path) -> str:
         return path.relative_to(self.root).as_posix()
 
-    def commit_file(self, tmp_path: Path, final: Path, fd: int | None = None) -> None:
+    def commit_file(self, tmp_path: Path, final: Path, *, synced: bool = False) -> None:
         """Make a received temporary file durable and move it to `final`.
 
         Parameters
@@ -131,27 +132,30 @@ class Spool:
             The temporary file, on the spool filesystem.
         final : Path
             Its place under ``incoming/``; an existing file there is replaced atomically.
-        fd : int, optional
-            An open descriptor of `tmp_path` to fsync (saves reopening it).
+        synced : bool
+            The caller has already fsynced `tmp_path`'s data (after its last write).
         """
         try:
-            if fd is None:
-                fd_own = os.open(tmp_path, os.O_RDONLY)
+            if not synced:
+                fd = os.open(tmp_path, os.O_RDONLY)
                 try:
-                    os.fsync(fd_own)
+                    os.fsync(fd)
                 finally:
-                    os.close(fd_own)
-            else:
-                os.fsync(fd)
+                    os.close(fd)
             created = self._makedirs(final.parent)
             os.replace(tmp_path, final)
             fsync_dir(final.parent)
             for folder in created:
                 fsync_dir(folder.parent)
         except OSError as exc:
-            if exc.errno == 28:  # ENOSPC
-                raise OutOfSpaceError(f"disk full while storing: {exc.strerror}") from exc
-            raise StorageError(f"cannot store file: {exc.strerror or exc}") from exc
+            raise self.storage_error(exc) from exc
+
+    @staticmethod
+    def storage_error(exc: OSError) -> StorageError:
+        """The StorageError for a failed write (OutOfSpaceError when the disk is full)."""
+        if exc.errno == errno.ENOSPC:
+            return OutOfSpaceError(f"disk full while storing: {exc.strerror}")
+        return StorageError(f"cannot store file: {exc.strerror or exc}")
 
     def _makedirs(self, folder: Path) -> list[Path]:
         created: list[Path] = []

@@ -186,6 +186,37 @@ def test_out_of_space_answers_a700_and_keeps_nothing_half(services: NodeServices
     assert AuditEventType.STORE_REFUSED in audit_types(services)
 
 
+def test_failed_fsync_answers_a700_and_the_resend_is_stored(
+    services: NodeServices, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that cannot make the bytes durable gets no success; the retry then works."""
+    import errno
+
+    import fiona.scp.ingest as ingest_module
+
+    source = sample_file("CT_small.dcm")
+
+    def broken_fsync(_fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ingest_module.os, "fsync", broken_fsync)
+        failed = services.ingestor.ingest(put(services, source), FACTS)
+    assert failed.status == Status.OUT_OF_RESOURCES
+    assert "cannot store file" in (failed.comment or "")
+    assert not list(services.spool.incoming.rglob("*.dcm"))
+    with services.session_factory() as session:
+        assert all(row.file_missing for row in session.scalars(select(Instance)))
+    assert AuditEventType.STORE_REFUSED in audit_types(services)
+
+    again = services.ingestor.ingest(put(services, source), FACTS)
+    assert again.ok
+    with services.session_factory() as session:
+        (row,) = session.scalars(select(Instance))
+        assert not row.file_missing
+        assert (services.spool.root / row.path).read_bytes() == source.read_bytes()
+
+
 def test_stability_sweep_and_reopen(services: NodeServices, clock, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     study, series = generate_uid(), generate_uid()
     for i in range(3):
