@@ -46,6 +46,17 @@ COMPRESSED = [
 ]
 
 
+def index_eventually(server, sql: str, rows: int, timeout: float = 15.0) -> list[tuple]:  # type: ignore[no-untyped-def]
+    """`index` once it returns `rows` rows: the audit rows of rejections are written
+    by the index writer after the association answer (the answer never waits for them)."""
+    deadline = time.monotonic() + timeout
+    found = index(server, sql)
+    while len(found) < rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+        found = index(server, sql)
+    return found
+
+
 def index(server, sql: str) -> list[tuple]:  # type: ignore[no-untyped-def]
     import yaml
 
@@ -429,7 +440,9 @@ def test_max_associations_rejects_the_next_one(make_server) -> None:  # type: ig
     second = ae.associate("127.0.0.1", srv.port, ae_title="FIONA")
     assert second.is_rejected
     first.release()
-    rows = index(srv, "SELECT details FROM audit_events WHERE event_type = 'ASSOCIATION_REJECTED'")
+    rows = index_eventually(
+        srv, "SELECT details FROM audit_events WHERE event_type = 'ASSOCIATION_REJECTED'", 1
+    )
     assert len(rows) == 1 and "max_associations" in str(rows[0][0])
     assert srv.stop() == 0
 
