@@ -23,6 +23,7 @@ from fiona.config import FionaConfig
 from fiona.db.models import Association, AuditEventType
 from fiona.errors import OutOfSpaceError
 from fiona.logs import get_logger
+from fiona.scp.filemeta import install as install_file_meta
 from fiona.scp.ingest import Ingestor, ReceiveFacts, Status
 from fiona.scp.wakeups import install as install_wakeups
 from fiona.scp.wakeups import wake_on_work
@@ -86,6 +87,7 @@ class ScpHandlers:
 
     def __init__(self, config: FionaConfig, ingestor: Ingestor, clock: Clock) -> None:
         install_wakeups()
+        install_file_meta()
         self.config = config
         self.ingestor = ingestor
         self.clock = clock

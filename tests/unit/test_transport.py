@@ -158,3 +158,50 @@ def test_the_dul_sleeps_until_the_peer_sends_or_a_pdu_is_queued(
     _run_as(dul, peer_sends)
     left.close()
     right.close()
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance", "syntax"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1"),  # even and odd
+        ("1.2.840.10008.5.1.4.1.1.4", "2.25.1234567890123456789012345", "1.2.840.10008.1.2"),
+        ("1.2.840.10008.5.1.4.1.1.7", "1.2.3", "1.2.840.10008.1.2.4.50"),
+    ],
+)
+def test_file_meta_bytes_are_pydicoms(sop_class: str, sop_instance: str, syntax: str) -> None:
+    """Each received file starts exactly as it did when pydicom wrote its File Meta."""
+    import io
+    import warnings
+
+    import pynetdicom.dimse_messages as messages
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta
+
+    from fiona.scp.filemeta import install
+
+    expected = io.BytesIO()
+    write_file_meta_info(
+        expected,
+        create_file_meta(
+            sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=syntax
+        ),
+    )
+    install()
+    meta = messages.create_file_meta(
+        sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=syntax
+    )
+    assert isinstance(meta, tuple)  # FIONA's encoder, not a pydicom dataset
+    got = io.BytesIO()
+    messages.write_file_meta_info(got, meta)
+    assert got.getvalue() == expected.getvalue()
+    # A value pydicom must encode (not ASCII) still goes through pydicom.
+    odd = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns that the UID is invalid
+        messages.write_file_meta_info(
+            odd,
+            messages.create_file_meta(
+                sop_class_uid=sop_class, sop_instance_uid="1.2.3.4\u00e9", transfer_syntax=syntax
+            ),
+        )
+    assert odd.getvalue().startswith(b"\x02\x00\x00\x00UL")
