@@ -19,7 +19,7 @@ sleep only:
 
 - the association reactor waits on its DIMSE queue's condition: it returns as soon as a
   message is queued, and otherwise after 5 ms instead of 1 ms;
-- the DUL thread waits in ``select()`` on its socket and on a pipe that every PDU queued
+- the DUL thread waits in ``poll()`` on its socket and on a pipe that every PDU queued
   for sending writes to: it returns as soon as the peer sends or FIONA answers, and
   otherwise sleeps its full delay (:data:`DUL_IDLE_SECONDS`, long, so an idle
   association costs almost nothing).
@@ -71,13 +71,17 @@ class _DulWaker:
             time.sleep(seconds)
             return
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return  # decrypted bytes already buffered: select() cannot see them
+            return  # decrypted bytes already buffered: poll() cannot see them
+        # poll(), not select(): select() refuses descriptors above 1023.
         try:
-            ready, _, _ = select.select([sock, self.read_fd], [], [], seconds)
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            poller.register(self.read_fd, select.POLLIN)
+            events = poller.poll(seconds * 1000)
         except (OSError, ValueError):  # closed meanwhile: the loop will notice
             time.sleep(seconds)
             return
-        if self.read_fd in ready:
+        if any(fd == self.read_fd for fd, _ in events):
             with contextlib.suppress(BlockingIOError, OSError):
                 os.read(self.read_fd, 4096)
 
