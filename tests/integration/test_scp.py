@@ -184,7 +184,11 @@ def test_many_parallel_associations(server, tmp_path: Path) -> None:  # type: ig
     associations = index(
         server, "SELECT instances_stored FROM associations WHERE ended_at IS NOT NULL"
     )
-    assert sorted(r[0] for r in associations) == [12] * 8
+    counts = sorted(r[0] for r in associations)
+    if len(counts) == 8:  # no sender had to resend: one row of 12 per association
+        assert counts == [12] * 8
+    else:  # a sender resent on a new association (see send_pynetdicom): both rows count
+        assert len(counts) > 8 and sum(counts) >= 96
 
 
 def fiona_echo(port: int, called: str) -> subprocess.CompletedProcess[str]:
