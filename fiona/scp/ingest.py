@@ -25,7 +25,7 @@ from fiona.logs import get_logger
 from fiona.metrics import INSTANCES_RECEIVED
 from fiona.scp.header import HeaderError, InstanceHeader, checked_header
 from fiona.scp.index import IndexWriter, InstanceRecord, StoreOutcome
-from fiona.scp.spool import Spool, file_digest
+from fiona.scp.spool import Spool, file_digest, fsync_file
 
 __all__ = ["IngestResult", "Ingestor", "ReceiveFacts", "Status"]
 
@@ -66,14 +66,6 @@ class IngestResult:
     @property
     def ok(self) -> bool:
         return self.status == Status.SUCCESS
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _wait_quietly(future: Future[None]) -> None:
@@ -136,7 +128,7 @@ class Ingestor:
         # another thread too was measured slower: the parse then waits for the GIL);
         # whatever happens next, this function returns only after that fsync finished.
         synced = (
-            self._syncer.submit(_fsync_path, tmp_path)
+            self._syncer.submit(fsync_file, tmp_path)
             if fd is None
             else self._syncer.submit(os.fsync, fd)
         )

@@ -28,7 +28,7 @@ from typing import Any
 
 from fiona.errors import OutOfSpaceError, StorageError
 
-__all__ = ["Spool", "file_digest", "fsync_dir", "is_valid_uid", "write_json_atomic"]
+__all__ = ["Spool", "file_digest", "fsync_dir", "fsync_file", "is_valid_uid", "write_json_atomic"]
 
 # PS3.5 9.1: digits and dots, at most 64 characters. Leading zeros occur in the wild and
 # are accepted; anything else could escape the spool folder as a path.
@@ -51,6 +51,15 @@ def file_digest(path: Path | str) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
+
+
+def fsync_file(path: Path) -> None:
+    """fsync a file's data and metadata, by its path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:
@@ -137,11 +146,7 @@ class Spool:
         """
         try:
             if not synced:
-                fd = os.open(tmp_path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_file(tmp_path)
             created = self._makedirs(final.parent)
             os.replace(tmp_path, final)
             fsync_dir(final.parent)
@@ -186,11 +191,7 @@ class Spool:
         target = folder / f"{name}.dcm"
         try:
             if source.parent == self.tmp:
-                fd = os.open(source, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_file(source)
                 os.replace(source, target)
             else:
                 shutil.copyfile(source, target)
