@@ -34,6 +34,7 @@ from fiona.logs import get_logger
 from fiona.router.retention import apply_retention
 from fiona.router.rules import RuleSet, load_routing_rules
 from fiona.router.service import route_receiving_studies, route_stable_studies
+from fiona.scp.cstore import install as install_c_store_codec
 from fiona.scp.handlers import ScpHandlers
 from fiona.scp.index import IndexWriter
 from fiona.scp.ingest import Ingestor
@@ -80,6 +81,7 @@ def configure_pynetdicom(spool: Spool) -> None:
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     _config.LOG_HANDLER_LEVEL = "none"
     tempfile.tempdir = str(spool.tmp)
+    install_c_store_codec()  # C-STORE commands without pydicom datasets, both directions
 
 
 class ReusePortServer(ThreadedAssociationServer):

@@ -205,3 +205,173 @@ def test_file_meta_bytes_are_pydicoms(sop_class: str, sop_instance: str, syntax:
             ),
         )
     assert odd.getvalue().startswith(b"\x02\x00\x00\x00UL")
+
+
+def _c_store_rsp(**values: Any) -> Any:
+    from pynetdicom.dimse_primitives import C_STORE
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.Status = 0x0000
+    for keyword, value in values.items():
+        setattr(rsp, keyword, value)
+    return rsp
+
+
+def _sent(
+    provider_class: Any, rsp: Any, *, handlers: list[Any] | None = None, limit: int = 16384
+) -> list[bytes]:
+    """What ``send_msg`` hands to the DUL for `rsp`: each P-DATA's (context, PDV) values."""
+    sent: list[Any] = []
+    assoc = SimpleNamespace(
+        _abort_nonblocking=lambda: None,
+        _abort_blocking=lambda: None,
+        is_requestor=False,
+        requestor=SimpleNamespace(maximum_length=limit),
+        get_handlers=lambda _event: handlers or [],
+    )
+    provider = SimpleNamespace(assoc=assoc, dul=SimpleNamespace(send_pdu=sent.append))
+    provider.maximum_pdu_size = limit
+    provider_class.send_msg(provider, rsp, 3)
+    return [value for pdata in sent for value in pdata.presentation_data_value_list]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {
+            "AffectedSOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+            "AffectedSOPInstanceUID": "2.25.1234567890123456789",  # odd length: padded
+        },
+        {
+            "AffectedSOPClassUID": "1.2.840.10008.5.1.4.1.1.7",
+            "AffectedSOPInstanceUID": "1.2.3.44",
+            "Status": 0xC210,
+            "ErrorComment": "cannot parse dataset: EOFError",  # odd length: padded
+        },
+        {"Status": 0xA700, "ErrorComment": "disk full"},  # no UIDs at all
+    ],
+)
+def test_c_store_responses_are_pynetdicoms_bytes(values: dict[str, Any]) -> None:
+    """Each C-STORE answer leaves exactly as pynetdicom's own message encoding sends it."""
+    from pynetdicom.dimse import DIMSEServiceProvider
+
+    from fiona.scp.cstore import install
+
+    install()
+    fast = _sent(DIMSEServiceProvider, _c_store_rsp(**values))
+    # pynetdicom's own path, taken because an EVT_DIMSE_SENT handler wants its message
+    messages: list[Any] = []
+    slow = _sent(
+        DIMSEServiceProvider,
+        _c_store_rsp(**values),
+        handlers=[(lambda event: messages.append(event.message), None)],
+    )
+    assert len(messages) == 1 and messages[0].command_set.Status == values.get("Status", 0)
+    assert fast == slow
+    assert len(fast) == 1 and fast[0][0] == 3 and fast[0][1][:1] == b"\x03"
+
+
+def test_c_store_responses_pynetdicom_must_encode_still_go_through_it() -> None:
+    from pynetdicom.dimse import DIMSEServiceProvider
+
+    from fiona.scp.cstore import encode_c_store_rsp, install
+
+    install()
+    comment = "Zeichensatz: \u00fc"  # not ASCII: pydicom encodes it
+    with pytest.raises(UnicodeEncodeError):
+        encode_c_store_rsp(7, 0xC000, None, None, comment)
+    (value,) = _sent(DIMSEServiceProvider, _c_store_rsp(Status=0xC000, ErrorComment=comment))
+    assert comment.encode("latin-1") in value[1] or comment.encode() in value[1]
+
+
+@pytest.mark.parametrize("limit", [16384, 0, 4096 + 6])
+def test_c_store_requests_from_a_file_are_pynetdicoms_bytes(limit: int, tmp_path: Any) -> None:
+    """What the forwarder sends (command, then the file in fragments) is byte for byte
+    what pynetdicom's own encoding sends, whatever the peer's maximum PDU length."""
+    from pynetdicom.dimse import DIMSEServiceProvider
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from fiona.scp.cstore import install
+
+    install()
+    path = tmp_path / "x.dcm"
+    path.write_bytes(b"\x00" * 128 + b"DICM" + bytes(range(256)) * 64)  # 16 KiB after the meta
+
+    def request() -> Any:
+        req = C_STORE()
+        req.MessageID = 12
+        req.Priority = 2
+        req.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        req.AffectedSOPInstanceUID = "2.25.987654321"
+        req._dataset_path = (path, 132)
+        return req
+
+    fast = _sent(DIMSEServiceProvider, request(), limit=limit)
+    slow = _sent(
+        DIMSEServiceProvider, request(), limit=limit, handlers=[(lambda event: None, None)]
+    )
+    assert fast == slow
+    assert b"".join(value[1:] for _, value in fast[1:]) == path.read_bytes()[132:]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"MessageID": 3, "Priority": 0, "AffectedSOPInstanceUID": "1.2.3.4"},
+        {"MessageID": 65535, "Priority": 1, "AffectedSOPInstanceUID": "2.25.123"},
+        {"MessageIDBeingRespondedTo": 3, "Status": 0, "AffectedSOPInstanceUID": "1.2.3.4"},
+        {"MessageIDBeingRespondedTo": 9, "Status": 0xB000, "AffectedSOPInstanceUID": "1.2.33"},
+        # pynetdicom's own conversion: parameters the fast path leaves alone
+        {"MessageIDBeingRespondedTo": 9, "Status": 0xC210, "ErrorComment": "bad header"},
+        {"MessageID": 3, "Priority": 0, "MoveOriginatorApplicationEntityTitle": "MOVER"},
+    ],
+)
+def test_received_c_store_commands_become_the_same_primitives(values: dict[str, Any]) -> None:
+    import io
+
+    from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP, DIMSEMessage
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from fiona.scp.cstore import decode_c_store, install
+
+    install()
+    primitive = C_STORE()
+    primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    for keyword, value in values.items():
+        setattr(primitive, keyword, value)
+    request = "MessageID" in values
+    if request:
+        primitive.DataSet = io.BytesIO(b"\x08\x00\x16\x00")
+        if "MoveOriginatorApplicationEntityTitle" in values:
+            primitive.MoveOriginatorMessageID = 5
+    message = C_STORE_RQ() if request else C_STORE_RSP()
+    message.primitive_to_message(primitive)
+    (command, *_) = list(message.encode_msg(1, 16384))
+
+    def received() -> Any:
+        incoming = DIMSEMessage()
+        incoming.decode_msg(command)
+        return incoming
+
+    ours = received().message_to_primitive()
+    plain = "ErrorComment" not in values and "MoveOriginatorApplicationEntityTitle" not in values
+    assert (decode_c_store(command.presentation_data_value_list[0][1][1:]) is not None) == plain
+    theirs = DIMSEMessage.message_to_primitive._pynetdicom(received())  # type: ignore[attr-defined]
+    names = (
+        "MessageID",
+        "MessageIDBeingRespondedTo",
+        "Priority",
+        "Status",
+        "AffectedSOPClassUID",
+        "AffectedSOPInstanceUID",
+        "ErrorComment",
+        "MoveOriginatorApplicationEntityTitle",
+        "MoveOriginatorMessageID",
+        "_context_id",
+    )
+    assert type(ours) is C_STORE
+    for name in names:
+        assert getattr(ours, name) == getattr(theirs, name), name
+        assert type(getattr(ours, name)) is type(getattr(theirs, name)), name
+    assert ours.AffectedSOPInstanceUID == values.get("AffectedSOPInstanceUID")
