@@ -375,3 +375,74 @@ def test_received_c_store_commands_become_the_same_primitives(values: dict[str, 
         assert getattr(ours, name) == getattr(theirs, name), name
         assert type(getattr(ours, name)) is type(getattr(theirs, name)), name
     assert ours.AffectedSOPInstanceUID == values.get("AffectedSOPInstanceUID")
+
+
+def _fake_dul(handlers: list[Any] | None = None) -> Any:
+    assoc = SimpleNamespace(
+        get_handlers=lambda _event: handlers or [],
+        _abort_nonblocking=lambda: None,
+        _abort_blocking=lambda: None,
+    )
+    return SimpleNamespace(assoc=assoc)
+
+
+def test_p_data_values_are_read_in_place_and_equal_pynetdicoms() -> None:
+    """A received P-DATA-TF decodes to the same items as pynetdicom's, as views of the buffer."""
+    from pynetdicom.dul import DULServiceProvider
+    from pynetdicom.pdu import P_DATA_TF
+    from pynetdicom.pdu_primitives import P_DATA
+
+    from fiona.scp.handlers import _decode_pdu_in_place
+
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [
+        [1, b"\x03" + b"command" * 20],
+        [3, b"\x00" + bytes(range(256)) * 512],
+    ]
+    wire = bytearray(P_DATA_TF(primitive).encode())
+    ours, event = _decode_pdu_in_place(_fake_dul(), wire)
+    theirs, their_event = DULServiceProvider._decode_pdu(_fake_dul(), bytearray(wire))
+    assert event == their_event == "Evt10"
+    got = ours.to_primitive().presentation_data_value_list
+    want = theirs.to_primitive().presentation_data_value_list
+    assert [(c, bytes(v)) for c, v in got] == want
+    assert all(isinstance(v, memoryview) for _, v in got)  # no copy of the fragment
+    assert ours.to_primitive().presentation_data_value_list[1][1][1:] == want[1][1][1:]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda wire: wire[:-3],  # the last item is cut short
+        lambda wire: wire[:6] + b"\x00\x00\x00\x01\x01" + wire[6:],  # an item without a value
+        lambda wire: wire + b"\x00\x00",  # a stray partial item header
+    ],
+)
+def test_malformed_p_data_is_refused(damage: Any) -> None:
+    """pynetdicom's reader turns the exception into Evt19 (the association is aborted)."""
+    from pynetdicom.pdu import P_DATA_TF
+    from pynetdicom.pdu_primitives import P_DATA
+
+    from fiona.scp.handlers import _decode_pdu_in_place
+
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [[1, b"\x02" + b"data" * 100]]
+    with pytest.raises(ValueError):
+        _decode_pdu_in_place(_fake_dul(), bytearray(damage(bytes(P_DATA_TF(primitive).encode()))))
+
+
+def test_other_pdus_and_observed_associations_take_pynetdicoms_decoder() -> None:
+    from pynetdicom.pdu import A_RELEASE_RQ, P_DATA_TF
+    from pynetdicom.pdu_primitives import P_DATA
+
+    from fiona.scp.handlers import _decode_pdu_in_place
+
+    pdu, event = _decode_pdu_in_place(_fake_dul(), bytearray(A_RELEASE_RQ().encode()))
+    assert isinstance(pdu, A_RELEASE_RQ) and event == "Evt12"
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [[1, b"\x02" + b"data" * 100]]
+    wire = bytearray(P_DATA_TF(primitive).encode())
+    seen: list[Any] = []
+    pdu, _ = _decode_pdu_in_place(_fake_dul([(seen.append, None)]), wire)
+    assert len(seen) == 2  # EVT_DATA_RECV and EVT_PDU_RECV were triggered
+    assert isinstance(pdu.presentation_data_value_items[0].presentation_data_value, bytes)
