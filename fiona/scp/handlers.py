@@ -61,6 +61,14 @@ def _recv_exactly(self: Any, nr_bytes: int) -> bytearray:
     return buffer
 
 
+def _status(status: int, comment: str) -> Dataset:
+    """A status with its Error Comment (PS3.7 C.4: LO, at most 64 characters)."""
+    response = Dataset()
+    response.Status = status
+    response.ErrorComment = comment[:64]
+    return response
+
+
 _PDV_ITEM_HEADER = struct.Struct(">LB")
 _P_DATA_TF = 0x04
 
@@ -340,16 +348,17 @@ class ScpHandlers:
     def handle_echo(self, _event: Any) -> int:
         return Status.SUCCESS
 
-    def handle_store(self, event: Any) -> Dataset:
-        """C-STORE (PS3.4 B.2.2): success only once the bytes are durable and indexed."""
-        response = Dataset()
+    def handle_store(self, event: Any) -> Dataset | int:
+        """C-STORE (PS3.4 B.2.2): success only once the bytes are durable and indexed.
+
+        The status alone (an int) when there is nothing to explain: pynetdicom then has no
+        status dataset to build and walk for every stored instance.
+        """
         try:
             with self._lock:
                 context = self._contexts.get(event.assoc)
             if context is None:  # accepted before the handler could record it
-                response.Status = Status.PROCESSING_FAILURE
-                response.ErrorComment = "association not registered"
-                return response
+                return _status(Status.PROCESSING_FAILURE, "association not registered")
             request = event.request
             tmp_path = Path(event.dataset_path)
             handle = getattr(request, "_dataset_file", None)
@@ -365,11 +374,9 @@ class ScpHandlers:
                     context.stored += 1
                 else:
                     context.failed += 1
-            response.Status = result.status
-            if result.comment:
-                response.ErrorComment = result.comment[:64]
+            if not result.comment:
+                return result.status
+            return _status(result.status, result.comment)
         except Exception:
             log.exception("C-STORE handler failed")
-            response = Dataset()
-            response.Status = Status.PROCESSING_FAILURE
-        return response
+            return Status.PROCESSING_FAILURE

@@ -227,11 +227,15 @@ def test_bad_datasets_get_failure_status_and_are_quarantined(server, tmp_path: P
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
         assoc = ae.associate("127.0.0.1", server.port, ae_title="FIONA")
         assert assoc.is_established
-        codes = [int(assoc.send_c_store(path).Status) for path in (garbage, truncated, good)]
+        answers = [assoc.send_c_store(path) for path in (garbage, truncated, good)]
         assoc.release()
     finally:
         pynetdicom_config.STORE_SEND_CHUNKED_DATASET = False
-    assert codes == [0xC210, 0xC210, 0x0000]
+    assert [int(a.Status) for a in answers] == [0xC210, 0xC210, 0x0000]
+    # The sender is told why (Error Comment); a success carries no comment.
+    assert str(answers[0].ErrorComment).startswith("quarantined: ")
+    assert "Pixel Data is shorter" in str(answers[1].ErrorComment)
+    assert "ErrorComment" not in answers[2]
     stored = next(server.storage.glob("incoming/*/*/*.dcm"))
     assert dataset_bytes(stored) == dataset_bytes(good)
     report = status(server)
