@@ -8,6 +8,7 @@ mutations of them, are read both ways.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import warnings
@@ -15,10 +16,18 @@ from pathlib import Path
 
 import pydicom.data
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from fiona.scp.header import HeaderError, _read_with_pydicom, _scan_header, read_header
+
+# Reporting a failing example, the Hypothesis plugin imports its patch writer (libcst, which
+# warns on import): import it now, quietly, so that a failure reads as one and not as an error.
+with warnings.catch_warnings(), contextlib.suppress(ImportError):
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import hypothesis.extra._patching  # noqa: F401
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 
@@ -162,3 +171,104 @@ def test_a_missing_uid_and_a_cut_pixel_data_are_refused(tmp_path: Path) -> None:
     cut.write_bytes((TEST_FILES / "CT_small.dcm").read_bytes()[:-1000])
     with pytest.raises(HeaderError, match="Pixel Data is shorter"):
         read_header(cut)
+
+
+# -- generated datasets: the scan and pydicom, element by element ------------------------------
+
+_PLAIN = st.text(alphabet=st.sampled_from("0123456789.ABCXYZ^-_ "), min_size=0, max_size=20)
+_AWKWARD = st.one_of(
+    _PLAIN,
+    st.sampled_from(["A\\B", "MÜLLER", " X", "X ", "", "1.2.3\x00", "\t9"]),
+)
+_WANTED_KEYWORDS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "StudyDate",
+    "AccessionNumber",
+    "Modality",
+    "PatientID",
+)
+
+
+def _items(depth: int) -> st.SearchStrategy[list[Dataset]]:
+    def item(values: tuple[str, bool, list[Dataset]]) -> Dataset:
+        text, undefined, nested = values
+        ds = Dataset()
+        ds.CodeValue = text or "X"
+        ds.StudyInstanceUID = "1.2.3.999"  # nested: must never be taken for the top-level one
+        if nested:
+            ds.ContentSequence = nested
+            ds.ContentSequence.is_undefined_length = undefined
+        ds.is_undefined_length_sequence_item = undefined
+        return ds
+
+    nested = _items(depth - 1) if depth > 0 else st.just([])
+    return st.lists(st.tuples(_PLAIN, st.booleans(), nested).map(item), max_size=2)
+
+
+def _generated_file(
+    tmp_path: Path, data: st.DataObject, *, implicit: bool, awkward: bool, pixels: bool
+) -> Path | None:
+    ds = Dataset()
+    text = _AWKWARD if awkward else _PLAIN
+    for keyword in _WANTED_KEYWORDS:
+        present = data.draw(st.booleans(), label=f"has {keyword}")
+        if present or (keyword.endswith("UID") and not awkward):
+            value = data.draw(text, label=keyword)
+            if keyword.endswith("UID") and not awkward:
+                value = "1.2." + "".join(c for c in value if c.isdigit()) + "9"
+            setattr(ds, keyword, value)
+    if awkward and data.draw(st.booleans(), label="latin-1"):
+        ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = data.draw(_PLAIN, label="name")
+    # before the UIDs (group 0008) and after them (group 0040), so that a nested value taken
+    # for a top-level one would show
+    for keyword in ("ReferencedImageSequence", "ContentSequence"):
+        items = data.draw(_items(2), label=keyword)
+        if items:
+            setattr(ds, keyword, items)
+            ds[keyword].is_undefined_length = data.draw(st.booleans())
+    ds.add_new(0x00090010, "LO", "FIONA TEST")
+    ds.add_new(0x00091001, "OB", bytes(data.draw(st.integers(0, 300))))
+    if pixels:
+        ds.Rows, ds.Columns, ds.BitsAllocated = 4, 4, 16
+        ds.PixelData = bytes(32)
+    ds.ensure_file_meta()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3"
+    path = tmp_path / "generated.dcm"
+    try:
+        ds.save_as(path, enforce_file_format=True)
+    except (ValueError, UnicodeError):
+        return None
+    return path
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    data=st.data(),
+    implicit=st.booleans(),
+    awkward=st.booleans(),
+    pixels=st.booleans(),
+)
+def test_generated_datasets_read_the_same_both_ways(
+    tmp_path: Path, data: st.DataObject, implicit: bool, awkward: bool, pixels: bool
+) -> None:
+    """Random headers (present/absent/odd values, nested sequences of either length form,
+    private blocks, implicit or explicit VR): the scan equals pydicom or declines — and it
+    does answer for plain values."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid values on purpose
+        path = _generated_file(tmp_path, data, implicit=implicit, awkward=awkward, pixels=pixels)
+    if path is None:
+        return  # pydicom refuses to write this value: nothing to compare
+    fast = scan(path)
+    if fast is not None:
+        assert fast == pydicom_values(path)
+    if not awkward:
+        assert fast is not None
