@@ -446,3 +446,53 @@ def test_other_pdus_and_observed_associations_take_pynetdicoms_decoder() -> None
     pdu, _ = _decode_pdu_in_place(_fake_dul([(seen.append, None)]), wire)
     assert len(seen) == 2  # EVT_DATA_RECV and EVT_PDU_RECV were triggered
     assert isinstance(pdu.presentation_data_value_items[0].presentation_data_value, bytes)
+
+
+def test_received_files_are_plain_files_that_never_clobber(tmp_path: Any) -> None:
+    """pynetdicom's temporary file for a C-STORE, as FIONA makes it: what pynetdicom and the
+    handler use of it works, the bytes are exact, and it never overwrites an existing file."""
+    import os
+    import sys
+
+    import fiona.scp.filemeta as filemeta
+
+    first = filemeta.ReceivedFile(str(tmp_path))
+    number = int(first.name.rsplit("-", 1)[1].split(".")[0])
+    clash = tmp_path / f"rx-{os.getpid()}-{number + 1}.dcm"
+    clash.write_bytes(b"left by an earlier process")
+    second = filemeta.ReceivedFile(str(tmp_path))
+    assert second.name != str(clash) and clash.read_bytes() == b"left by an earlier process"
+
+    payload = bytes(range(256)) * 2048  # 512 KiB in 128 KiB fragments, as pynetdicom writes them
+    assert first  # pynetdicom tests the object's truth
+    first.write(b"\x00" * 128 + b"DICM")
+    for start in range(0, len(payload), 131072):
+        first.write(memoryview(payload)[start : start + 131072])
+        first.file.flush()  # pynetdicom's call: also starts the write-back
+    os.fsync(first.fileno())
+    assert not first.closed
+    first.close()
+    assert first.closed
+    assert (tmp_path / first.name).read_bytes() == b"\x00" * 128 + b"DICM" + payload
+    second.close()
+
+    # installed, pynetdicom's chunked receive gets one (in the temporary folder: the spool's)
+    import tempfile
+
+    import pynetdicom.dimse_messages as messages
+
+    filemeta.install()
+    previous, tempfile.tempdir = tempfile.tempdir, str(tmp_path / "spool-tmp")
+    (tmp_path / "spool-tmp").mkdir()
+    try:
+        made = messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")
+        made.close()
+        other = messages.NamedTemporaryFile(delete=True, mode="w+b", suffix=".x")  # not ours
+        other.close()
+    finally:
+        tempfile.tempdir = previous
+    assert isinstance(made, filemeta.ReceivedFile)
+    assert os.path.dirname(made.name) == str(tmp_path / "spool-tmp")
+    assert not isinstance(other, filemeta.ReceivedFile)
+    if sys.platform.startswith("linux"):
+        assert filemeta._sync_file_range is not None  # the early write-back is in use here
