@@ -179,16 +179,9 @@ def install(rec: Recorder, variant: str) -> None:
     pynetdicom.dul.DULServiceProvider._decode_pdu = decode_pdu  # type: ignore[method-assign]
     # FIONA's SCP associations decode P-DATA-TF in place (handle_conn_open binds it per
     # association, looking the function up in the handlers module at that moment)
-    in_place = handlers._decode_pdu_in_place
-
-    def decode_pdu_in_place(self: Any, data: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return in_place(self, data)
-        finally:
-            rec.add("pynetdicom PDU decode (DUL thread)", time.perf_counter() - t0)
-
-    handlers._decode_pdu_in_place = decode_pdu_in_place
+    handlers._decode_pdu_in_place = timed(
+        rec, "pynetdicom PDU decode (DUL thread)", handlers._decode_pdu_in_place
+    )
 
     original_send = pynetdicom.dul.DULServiceProvider._send
 

@@ -225,34 +225,25 @@ def checked_header(path: Path | str) -> InstanceHeader:
 # fully understand — or any value pydicom would render differently — to pydicom: it may only
 # ever decline, never answer differently (tests/unit/test_header.py compares the two).
 
-_EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _SCAN_TRANSFER_SYNTAXES = frozenset(
     str(uid) for uid in AllTransferSyntaxes if uid.is_little_endian and not uid.is_deflated
 )
-_WANTED = {
-    0x00080016: "sop_class_uid",
-    0x00080018: "sop_instance_uid",
-    0x00080020: "study_date",
-    0x00080050: "accession_number",
-    0x00080060: "modality",
-    0x00100020: "patient_id",
-    0x0020000D: "study_instance_uid",
-    0x0020000E: "series_instance_uid",
+# tag -> (InstanceHeader field, the VR it is read with). An explicit VR that differs would
+# make pydicom read another type: the scan declines. Specific Character Set is no field, but
+# pydicom reads it to decode any text, so its VR is checked too.
+_WANTED: dict[int, tuple[str | None, bytes]] = {
+    0x00080005: (None, b"CS"),
+    0x00080016: ("sop_class_uid", b"UI"),
+    0x00080018: ("sop_instance_uid", b"UI"),
+    0x00080020: ("study_date", b"DA"),
+    0x00080050: ("accession_number", b"SH"),
+    0x00080060: ("modality", b"CS"),
+    0x00100020: ("patient_id", b"LO"),
+    0x0020000D: ("study_instance_uid", b"UI"),
+    0x0020000E: ("series_instance_uid", b"UI"),
 }
-# The VR each is read with (an explicit VR that differs would make pydicom read another type).
-_WANTED_VR = {
-    0x00080016: b"UI",
-    0x00080018: b"UI",
-    0x00080020: b"DA",
-    0x00080050: b"SH",
-    0x00080060: b"CS",
-    0x00100020: b"LO",
-    0x0020000D: b"UI",
-    0x0020000E: b"UI",
-    0x00080005: b"CS",  # Specific Character Set: pydicom reads it to decode any text
-}
-_PIXEL_TAG_INTS = frozenset((0x7FE00010, 0x7FE00008, 0x7FE00009))
+_PIXEL_TAG_INTS = frozenset(group << 16 | element for group, element in _PIXEL_TAGS)
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 _READ_SIZE = 65536
@@ -260,7 +251,6 @@ _MAX_SCAN = 16 * 1024 * 1024
 _UNPACK_TAG_LENGTH = struct.Struct("<HHL").unpack_from  # implicit VR element header
 _UNPACK_EXPLICIT = struct.Struct("<HH2sH").unpack_from  # explicit VR, short form
 _UNPACK_UL = struct.Struct("<L").unpack_from
-_LONG_VR_SET = frozenset(_LONG_VRS)
 _VR_NAMES = frozenset(vr.value.encode() for vr in VR)
 
 
@@ -320,7 +310,7 @@ def _scan_elements(
             if tag in (_ITEM_END, _SEQUENCE_END, _ITEM):
                 (length,) = _UNPACK_UL(data, pos + 4)
                 header, vr = 8, b""
-            elif vr in _LONG_VR_SET:
+            elif vr in _LONG_VRS:
                 (length,) = _UNPACK_UL(buf.need(pos + 12), pos + 8)
                 header = 12
             elif vr in _VR_NAMES:
@@ -343,11 +333,13 @@ def _scan_elements(
                 raise _DeclineError  # undefined-length UN and the like: pydicom's business
             pos = _scan_sequence(buf, pos, implicit)
             continue
-        if top and tag in _WANTED_VR:
-            if not implicit and vr != _WANTED_VR[tag]:
+        wanted = _WANTED.get(tag) if top else None
+        if wanted is not None:
+            name, wanted_vr = wanted
+            if not implicit and vr != wanted_vr:
                 raise _DeclineError
-            if tag in _WANTED:
-                found[_WANTED[tag]] = _value_text(buf.need(pos + length)[pos : pos + length])
+            if name is not None:
+                found[name] = _value_text(buf.need(pos + length)[pos : pos + length])
         if pos + length > buf.size:
             raise _DeclineError
         pos += length
@@ -386,7 +378,7 @@ def _scan_header(fp: BinaryIO, size: int) -> dict[str, str | None] | None:
             group, element, vr, length = _UNPACK_EXPLICIT(buf.need(pos + 8), pos)
             if group != 0x0002:
                 break
-            if vr in _LONG_VR_SET:
+            if vr in _LONG_VRS:
                 (length,) = _UNPACK_UL(buf.need(pos + 12), pos + 8)
                 pos += 12
             elif vr in _VR_NAMES:
@@ -405,7 +397,7 @@ def _scan_header(fp: BinaryIO, size: int) -> dict[str, str | None] | None:
         implicit = transfer_syntax == _IMPLICIT_LE
         if implicit and pos + 6 <= size and buf.need(pos + 6)[pos + 4 : pos + 6] in _VR_NAMES:
             return None  # looks explicit after all: pydicom guesses, the scan does not
-        found: dict[str, str | None] = dict.fromkeys(_WANTED.values())
+        found: dict[str, str | None] = {name: None for name, _ in _WANTED.values() if name}
         _scan_elements(buf, pos, implicit, True, found)
     except (_DeclineError, struct.error):
         return None

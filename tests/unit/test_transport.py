@@ -218,17 +218,23 @@ def _c_store_rsp(**values: Any) -> Any:
     return rsp
 
 
+def _fake_assoc(handlers: list[Any] | None = None, **more: Any) -> Any:
+    """An association as far as pynetdicom's event triggers look at it (`handlers` bound)."""
+    return SimpleNamespace(
+        get_handlers=lambda _event: handlers or [],
+        _abort_nonblocking=lambda: None,
+        _abort_blocking=lambda: None,
+        **more,
+    )
+
+
 def _sent(
     provider_class: Any, rsp: Any, *, handlers: list[Any] | None = None, limit: int = 16384
 ) -> list[bytes]:
     """What ``send_msg`` hands to the DUL for `rsp`: each P-DATA's (context, PDV) values."""
     sent: list[Any] = []
-    assoc = SimpleNamespace(
-        _abort_nonblocking=lambda: None,
-        _abort_blocking=lambda: None,
-        is_requestor=False,
-        requestor=SimpleNamespace(maximum_length=limit),
-        get_handlers=lambda _event: handlers or [],
+    assoc = _fake_assoc(
+        handlers, is_requestor=False, requestor=SimpleNamespace(maximum_length=limit)
     )
     provider = SimpleNamespace(assoc=assoc, dul=SimpleNamespace(send_pdu=sent.append))
     provider.maximum_pdu_size = limit
@@ -378,12 +384,7 @@ def test_received_c_store_commands_become_the_same_primitives(values: dict[str, 
 
 
 def _fake_dul(handlers: list[Any] | None = None) -> Any:
-    assoc = SimpleNamespace(
-        get_handlers=lambda _event: handlers or [],
-        _abort_nonblocking=lambda: None,
-        _abort_blocking=lambda: None,
-    )
-    return SimpleNamespace(assoc=assoc)
+    return SimpleNamespace(assoc=_fake_assoc(handlers))
 
 
 def test_p_data_values_are_read_in_place_and_equal_pynetdicoms() -> None:
