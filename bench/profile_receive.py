@@ -10,6 +10,7 @@ breaks FIONA's durability promise):
 
 * ``baseline``       FIONA as configured (1 MB PDU, fsync + rename + dir fsync, SQLite FULL)
 * ``no-file-fsync``  os.fsync of the received file and its folder is a no-op
+* ``no-dir-fsync``   the fsync of the folder a received file is renamed into is a no-op
 * ``sqlite-normal``  PRAGMA synchronous=NORMAL instead of FULL (WAL: no fsync per commit)
 * ``fast-poll``      pynetdicom's 1 ms reactor/DUL poll sleeps shortened to 0.05 ms
 * ``no-digest``      the SHA-256 of the received file is skipped (digest column = "x")
@@ -42,6 +43,7 @@ import receive  # noqa: E402  (bench/receive.py: corpus and storescu helpers)
 VARIANTS = (
     "baseline",
     "no-file-fsync",
+    "no-dir-fsync",
     "sqlite-normal",
     "fast-poll",
     "no-digest",
@@ -193,6 +195,8 @@ def install(rec: Recorder, variant: str) -> None:
 
     if variant in ("no-file-fsync", "all-off"):
         spool.os.fsync = lambda fd: None  # only FIONA's Python code calls os.fsync here
+    if variant == "no-dir-fsync":
+        spool.fsync_dir = lambda path: None
     if variant in ("sqlite-normal", "all-off"):
 
         def pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -28,6 +28,7 @@ from fiona.config import FionaConfig
 from fiona.db.models import Association, AuditEventType
 from fiona.errors import OutOfSpaceError
 from fiona.logs import get_logger
+from fiona.scp.express import ExpressReceiver
 from fiona.scp.filemeta import install as install_file_meta
 from fiona.scp.ingest import Ingestor, ReceiveFacts, Status
 from fiona.scp.wakeups import install as install_wakeups
@@ -180,8 +181,10 @@ class ScpHandlers:
         """Tune the new connection for latency.
 
         TCP_NODELAY: with Nagle on, each C-STORE response waits ~40 ms for a delayed ACK.
-        PDUs are read into one buffer (:func:`_recv_exactly`) and P-DATA values stay in it
-        (:func:`_decode_pdu_in_place`). pynetdicom's polling loops
+        PDUs are read into one buffer (:func:`_recv_exactly`); plain C-STOREs are read,
+        stored and answered by the DUL thread (:class:`~fiona.scp.express.ExpressReceiver`);
+        P-DATA values for pynetdicom stay in their buffer (:func:`_decode_pdu_in_place`).
+        pynetdicom's polling loops
         wake when there is work instead of sleeping a fixed time (:mod:`fiona.scp.wakeups`;
         pynetdicom 3.0.4 internals, pinned).
         """
@@ -196,6 +199,9 @@ class ScpHandlers:
             transport.recv = types.MethodType(_recv_exactly, transport)
         dul = event.assoc.dul
         dul._decode_pdu = types.MethodType(_decode_pdu_in_place, dul)
+        receiver = ExpressReceiver(dul, self, self.handle_store)
+        receiver.install()
+        dul._fiona_express = receiver
         wake_on_work(event.assoc)
 
     def handle_requested(self, event: Any) -> None:
@@ -301,10 +307,15 @@ class ScpHandlers:
             log.exception("cannot record association")
 
     def handle_conn_close(self, event: Any) -> None:
+        receiver = getattr(event.assoc.dul, "_fiona_express", None)
+        if receiver is not None:
+            receiver.close()  # a C-STORE cut off by the close leaves no temporary file
         with self._lock:
             context = self._contexts.pop(event.assoc, None)
         if context is None:
             return
+        if context.stored:
+            self.ingestor.sync_folders()  # the renames of its instances, made durable
         facts = context.facts
         now = self.clock()
         outcome = (
@@ -349,34 +360,68 @@ class ScpHandlers:
         return Status.SUCCESS
 
     def handle_store(self, event: Any) -> Dataset | int:
-        """C-STORE (PS3.4 B.2.2): success only once the bytes are durable and indexed.
+        """C-STORE (PS3.4 B.2.2) through pynetdicom: see :meth:`store_file`.
 
         The status alone (an int) when there is nothing to explain: pynetdicom then has no
         status dataset to build and walk for every stored instance.
         """
+        request = event.request
+        handle = getattr(request, "_dataset_file", None)
+        status, comment = self.store_file(
+            event.assoc,
+            _text(request.AffectedSOPInstanceUID),
+            Path(event.dataset_path),
+            handle.fileno() if handle is not None and not handle.closed else None,
+        )
+        return status if comment is None else _status(status, comment)
+
+    def store_file(
+        self,
+        assoc: Any,
+        sop_instance_uid: str,
+        path: Path,
+        fd: int | None,
+        digest: tuple[str, int] | None = None,
+    ) -> tuple[int, str | None]:
+        """Ingest a received file; success only once its bytes are durable and indexed.
+
+        `digest` is the file's SHA-256 (hex) and size when the receiver computed them while
+        writing it. Returns the status and its Error Comment (None when there is nothing to
+        explain). Never raises. Called by :meth:`handle_store` and by the express path.
+        """
         try:
             with self._lock:
-                context = self._contexts.get(event.assoc)
+                context = self._contexts.get(assoc)
             if context is None:  # accepted before the handler could record it
-                return _status(Status.PROCESSING_FAILURE, "association not registered")
-            request = event.request
-            tmp_path = Path(event.dataset_path)
-            handle = getattr(request, "_dataset_file", None)
-            fd = handle.fileno() if handle is not None and not handle.closed else None
+                return Status.PROCESSING_FAILURE, "association not registered"
             result = self.ingestor.ingest(
-                tmp_path,
+                path,
                 context.facts,
                 fd=fd,
-                expected_sop_instance_uid=_text(request.AffectedSOPInstanceUID),
+                expected_sop_instance_uid=sop_instance_uid,
+                digest=digest,
             )
             with context.lock:
                 if result.ok:
                     context.stored += 1
                 else:
                     context.failed += 1
-            if not result.comment:
-                return result.status
-            return _status(result.status, result.comment)
+            return result.status, result.comment or None
         except Exception:
             log.exception("C-STORE handler failed")
-            return Status.PROCESSING_FAILURE
+            return Status.PROCESSING_FAILURE, None
+
+    def refuse_store(self, assoc: Any, status: int, reason: str) -> tuple[int, str | None]:
+        """A C-STORE whose data could not be received (the express path): audited, refused."""
+        try:
+            with self._lock:
+                context = self._contexts.get(assoc)
+            if context is None:
+                return status, reason[:64]
+            with context.lock:
+                context.failed += 1
+            result = self.ingestor.refuse(context.facts, status, reason)
+            return result.status, result.comment or None
+        except Exception:
+            log.exception("cannot refuse C-STORE")
+            return status, None

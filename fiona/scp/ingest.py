@@ -89,6 +89,14 @@ class Ingestor:
     def close(self) -> None:
         """Wait for fsyncs in flight (there are none once the associations ended)."""
         self._syncer.shutdown(wait=True)
+        self.sync_folders()
+
+    def sync_folders(self) -> None:
+        """fsync the folders of renames whose fsync was put off (never raises)."""
+        try:
+            self.spool.sync_folders()
+        except StorageError as exc:
+            log.error("cannot sync spool folders", error=str(exc))
 
     def ingest(
         self,
@@ -97,20 +105,24 @@ class Ingestor:
         *,
         fd: int | None = None,
         expected_sop_instance_uid: str | None = None,
+        digest: tuple[str, int] | None = None,
     ) -> IngestResult:
         """Store the file at `tmp_path` (on the spool filesystem) durably and index it.
+
+        `digest`: the file's SHA-256 (hex) and size, when the caller computed them as it
+        wrote the file (otherwise the file is read back for them).
 
         Never raises: every failure is an :class:`IngestResult` with a failure status.
         On success `tmp_path` no longer exists; on failure it may still exist and the
         caller deletes it (its bytes were quarantined if they were the problem).
         """
         try:
-            return self._ingest(tmp_path, facts, fd, expected_sop_instance_uid)
+            return self._ingest(tmp_path, facts, fd, expected_sop_instance_uid, digest)
         except StorageError as exc:  # OutOfSpaceError included: both are 0xA700
-            return self._refuse(facts, Status.OUT_OF_RESOURCES, str(exc))
+            return self.refuse(facts, Status.OUT_OF_RESOURCES, str(exc))
         except Exception as exc:
             log.exception("store failed", association_id=facts.association_id)
-            return self._refuse(
+            return self.refuse(
                 facts, Status.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}"
             )
 
@@ -120,6 +132,7 @@ class Ingestor:
         facts: ReceiveFacts,
         fd: int | None,
         expected_sop_instance_uid: str | None,
+        known_digest: tuple[str, int] | None,
     ) -> IngestResult:
         # The received bytes already sit in tmp/ on the spool filesystem: the rename into
         # incoming/ needs no more space, so the floor is checked as things stand.
@@ -143,7 +156,7 @@ class Ingestor:
             except HeaderError as exc:
                 _wait_quietly(synced)
                 return self._quarantine(tmp_path, facts, str(exc), expected_sop_instance_uid)
-            digest, size = file_digest(tmp_path)
+            digest, size = known_digest or file_digest(tmp_path)
         except BaseException:
             _wait_quietly(synced)
             raise
@@ -183,7 +196,9 @@ class Ingestor:
                 synced.result()
             except OSError as exc:
                 raise self.spool.storage_error(exc) from exc
-            self.spool.commit_file(tmp_path, final, synced=True)
+            # The folder's fsync may wait: once the row (with the digest) is committed, a rename
+            # lost to a power failure is redone from tmp/ at restart (see fiona.scp.spool).
+            self.spool.commit_file(tmp_path, final, synced=True, defer_folder_sync=True)
         except StorageError:
             self._undo_index(pending, header.sop_instance_uid)
             raise
@@ -279,7 +294,8 @@ class Ingestor:
         INSTANCES_RECEIVED.labels("quarantined").inc()
         return IngestResult(Status.CANNOT_UNDERSTAND, f"quarantined: {reason}"[:64])
 
-    def _refuse(self, facts: ReceiveFacts, status: int, reason: str) -> IngestResult:
+    def refuse(self, facts: ReceiveFacts, status: int, reason: str) -> IngestResult:
+        """Answer a store that cannot be taken with `status`, and audit it (never raises)."""
         INSTANCES_RECEIVED.labels("refused").inc()
         log.warning(
             "store refused",

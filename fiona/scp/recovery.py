@@ -2,8 +2,11 @@
 
 Run before the SCP accepts associations:
 
-* temporary files left by transfers that were cut off are removed — their senders never
-  got a success status, so they still hold the data and will send it again;
+* an index row whose file is missing from ``incoming/`` while a temporary file in ``tmp/``
+  has the row's SHA-256 is a rename the power failure took (the folder's fsync is put off,
+  see :mod:`fiona.scp.spool`): the file is moved into place;
+* the other temporary files, left by transfers that were cut off, are removed — their
+  senders never got a success status, so they still hold the data and will send it again;
 * files under ``incoming/`` without an index row (a crash between rename and commit) are
   indexed, attributed to the pseudo-association ``recovered``;
 * index rows whose file is gone are flagged ``file_missing`` with an audit event.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,7 +27,7 @@ from fiona.db.models import AuditEventType, Instance
 from fiona.logs import get_logger
 from fiona.scp.header import HeaderError, read_header
 from fiona.scp.index import IndexWriter, InstanceRecord
-from fiona.scp.spool import Spool, file_digest
+from fiona.scp.spool import Spool, file_digest, fsync_dir
 
 __all__ = ["ReconcileResult", "reconcile"]
 
@@ -37,6 +41,8 @@ class ReconcileResult:
     """Counts of what reconciliation found and did."""
 
     temporary_removed: int
+    files_restored: int
+    """Moved from ``tmp/`` into place for their index rows (renames a crash undid)."""
     files_indexed: int
     rows_missing_file: int
     unreadable: int
@@ -49,14 +55,18 @@ def reconcile(
     now: datetime,
 ) -> ReconcileResult:
     """Reconcile spool and index (see the module docstring)."""
+    with session_factory() as session:
+        rows = session.execute(
+            select(Instance.path, Instance.file_missing, Instance.digest)
+        ).all()
+    known = {path: flagged for path, flagged, _digest in rows}
+    restored = _restore_renames(spool, rows)
     removed = 0
     for entry in os.scandir(spool.tmp):
         if entry.is_file():
             os.unlink(entry.path)
             removed += 1
 
-    with session_factory() as session:
-        known = dict(session.execute(select(Instance.path, Instance.file_missing)).all())
     on_disk: set[str] = set()
     indexed = unreadable = 0
     for path in spool.incoming.glob("*/*/*.dcm"):
@@ -102,8 +112,8 @@ def reconcile(
                     count=len(missing),
                 )
             )
-    result = ReconcileResult(removed, indexed, len(missing), unreadable)
-    if removed or indexed or missing or unreadable:
+    result = ReconcileResult(removed, restored, indexed, len(missing), unreadable)
+    if removed or restored or indexed or missing or unreadable:
         writer.add(
             [
                 audit_event(
@@ -111,6 +121,7 @@ def reconcile(
                     actor="fiona",
                     occurred_at=now,
                     temporary_removed=removed,
+                    files_restored=restored,
                     files_indexed=indexed,
                     rows_missing_file=len(missing),
                     unreadable=unreadable,
@@ -120,8 +131,38 @@ def reconcile(
     log.info(
         "spool reconciled",
         temporary_removed=removed,
+        files_restored=restored,
         files_indexed=indexed,
         rows_missing_file=len(missing),
         unreadable=unreadable,
     )
     return result
+
+
+def _restore_renames(spool: Spool, rows: list[Any]) -> int:
+    """Move temporary files into place whose SHA-256 an index row without its file holds."""
+    candidates = [entry.path for entry in os.scandir(spool.tmp) if entry.is_file()]
+    if not candidates:
+        return 0
+    wanted = {  # digest -> where the row says its file is
+        digest: path
+        for path, flagged, digest in rows
+        if not flagged and not (spool.root / path).exists()
+    }
+    restored = 0
+    for candidate in candidates if wanted else []:
+        digest, _size = file_digest(candidate)
+        target = wanted.pop(digest, None)
+        if target is None:
+            continue
+        final = spool.root / target
+        created = not final.parent.exists()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(candidate, final)
+        fsync_dir(final.parent)
+        if created:
+            fsync_dir(final.parent.parent)
+            fsync_dir(final.parent.parent.parent)
+        restored += 1
+        log.warning("file restored from tmp/ after a crash", path=target)
+    return restored

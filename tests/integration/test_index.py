@@ -4,6 +4,7 @@ stability, restart reconciliation, migrations."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -309,3 +310,32 @@ def test_reconcile_after_a_crash(services: NodeServices, clock, tmp_path: Path) 
             select(Instance).where(Instance.sop_instance_uid == gone_ds.SOPInstanceUID)
         ).one()
         assert row.file_missing is False
+
+
+def test_reconcile_redoes_a_rename_the_power_failure_took(  # type: ignore[no-untyped-def]
+    services: NodeServices, clock, tmp_path: Path
+) -> None:
+    """A success was answered with the folder's fsync put off; the power failed before the
+    journal held the rename: the bytes are in tmp/ under their temporary name, the row in
+    the index. Recovery moves exactly that file into place; other temporary files go."""
+    study, series = generate_uid(), generate_uid()
+    sent = save(make_ct(study, series, seed=7), tmp_path / "sent.dcm")
+    assert services.ingestor.ingest(put(services, sent), FACTS).ok
+    sop_uid = dcmread(sent).SOPInstanceUID
+    final = services.spool.instance_path(study, series, sop_uid)
+    original = final.read_bytes()
+    os.replace(final, services.spool.tmp / "rx-4242-17.dcm")  # the rename, undone
+    (services.spool.tmp / "rx-4242-18.dcm").write_bytes(original[:1000])  # cut off
+
+    result = reconcile(services.session_factory, services.spool, services.writer, clock())
+    assert (result.files_restored, result.temporary_removed, result.rows_missing_file) == (
+        1,
+        1,
+        0,
+    )
+    assert final.read_bytes() == original
+    assert not list(services.spool.tmp.iterdir())
+    with services.session_factory() as session:
+        row = session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)).one()
+        assert row.file_missing is False
+    assert AuditEventType.SPOOL_RECONCILED in audit_types(services)
