@@ -4,6 +4,14 @@ Every association thread hands its instance record to the writer and waits for t
 commit; the writer takes everything queued, writes it in one transaction and commits
 once. With several concurrent associations one commit (one WAL fsync on SQLite) covers
 many instances — a group commit — and SQLite never sees two writers from this process.
+
+Routine instances — a new SOP instance of a study and series this writer already knows,
+whose ``last_received_at`` needs no update yet — take a short lane (:class:`_RoutineLane`):
+one ``INSERT … ON CONFLICT DO NOTHING`` each on a DBAPI connection the writer keeps, in
+one transaction, with the values converted by the columns' own SQLAlchemy types. An ORM
+session around those statements cost ~0.4 ms of interpreter time per instance, more than
+the commit's fsync. Everything else, and any batch the lane cannot finish (a row that
+exists, an error), goes through the session as before.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import Engine, Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
@@ -89,7 +97,123 @@ class InstanceRecord:
     path: str
 
 
+class _InstanceWork:
+    """Indexing one instance: a unit of session work the routine lane can also take."""
+
+    __slots__ = ("record", "writer")
+
+    def __init__(self, writer: IndexWriter, record: InstanceRecord) -> None:
+        self.writer = writer
+        self.record = record
+
+    def __call__(self, session: Session) -> StoreOutcome:
+        return self.writer._apply_instance(session, self.record)
+
+
 _Work = Callable[[Session], Any]
+
+# The instance columns the routine lane writes, in a fixed order.
+_LANE_COLUMNS = (
+    "study_id",
+    "series_id",
+    "sop_instance_uid",
+    "sop_class_uid",
+    "transfer_syntax_uid",
+    "modality",
+    "calling_ae_title",
+    "called_ae_title",
+    "peer_address",
+    "association_id",
+    "received_at",
+    "size_bytes",
+    "digest",
+    "path",
+    "version",
+    "state",
+    "file_missing",
+)
+
+
+class _RoutineLane:
+    """New instance rows through a DBAPI connection of the writer's own (module docstring).
+
+    The SQL is built once for the engine's dialect; each value passes through its column
+    type's bind processor, as SQLAlchemy would convert it (tested against rows the session
+    writes, on SQLite and PostgreSQL).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        dialect = engine.dialect
+        self._engine = engine
+        self._sqlite = dialect.name == "sqlite"
+        columns = [_INSTANCES.c[name] for name in _LANE_COLUMNS]
+        marker = (lambda name: f":{name}") if self._sqlite else (lambda name: f"%({name})s")
+        self._sql = (
+            f"INSERT INTO {_INSTANCES.name} ({', '.join(c.name for c in columns)}) "
+            f"VALUES ({', '.join(marker(c.name) for c in columns)}) "
+            "ON CONFLICT (sop_instance_uid) DO NOTHING"
+        )
+        self._processors = [
+            (column.name, column.type.dialect_impl(dialect).bind_processor(dialect))
+            for column in columns
+        ]
+        self._connection: Any = None
+
+    @staticmethod
+    def supports(engine: Engine) -> bool:
+        return engine.dialect.name in ("sqlite", "postgresql")
+
+    def parameters(self, values: dict[str, Any]) -> dict[str, Any]:
+        return {
+            name: (processor(values[name]) if processor is not None else values[name])
+            for name, processor in self._processors
+        }
+
+    def insert(self, rows: list[dict[str, Any]]) -> bool:
+        """Insert new rows in one transaction; False (nothing written) if any row exists.
+
+        Raises on a database error, after rolling back and dropping the connection.
+        """
+        if self._connection is None:
+            self._connection = self._engine.raw_connection()
+        connection = self._connection
+        cursor = connection.cursor()
+        try:
+            if self._sqlite:  # FIONA's SQLite connections run in autocommit mode
+                cursor.execute("BEGIN IMMEDIATE")
+            for row in rows:
+                cursor.execute(self._sql, self.parameters(row))
+                if cursor.rowcount != 1:  # the SOP instance is indexed already
+                    self._rollback(cursor)
+                    return False
+            if self._sqlite:
+                cursor.execute("COMMIT")
+            else:
+                connection.commit()
+            return True
+        except BaseException:
+            self._rollback(cursor)
+            self.close()
+            raise
+        finally:
+            cursor.close()
+
+    def _rollback(self, cursor: Any) -> None:
+        try:
+            if self._sqlite:
+                cursor.execute("ROLLBACK")
+            else:
+                self._connection.rollback()
+        except Exception:  # noqa: BLE001 - no transaction left to roll back
+            pass
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:  # noqa: BLE001 - a broken connection is discarded
+                pass
 
 
 class IndexWriter:
@@ -116,6 +240,12 @@ class IndexWriter:
         # (kind, row id) -> when its last_received_at was last written by this writer.
         self._touched: dict[tuple[str, int], datetime] = {}
         self._pending_touches: list[tuple[tuple[str, int], datetime]] = []
+        engine = session_factory.kw.get("bind")
+        self._lane = (
+            _RoutineLane(engine)
+            if isinstance(engine, Engine) and _RoutineLane.supports(engine)
+            else None
+        )
 
     def start(self) -> None:
         if not self._started:
@@ -128,6 +258,8 @@ class IndexWriter:
             self._queue.put(None)
             self._thread.join()
             self._started = False
+        if self._lane is not None:
+            self._lane.close()
 
     def __enter__(self) -> IndexWriter:
         self.start()
@@ -149,7 +281,7 @@ class IndexWriter:
 
     def index_instance(self, record: InstanceRecord) -> Future[StoreOutcome]:
         """Queue an instance row; the future resolves once it is committed."""
-        return self.submit(lambda session: self._apply_instance(session, record))
+        return self.submit(_InstanceWork(self, record))
 
     def add(self, rows: Sequence[object]) -> Future[None]:
         """Queue rows (audit events, associations) to insert."""
@@ -179,6 +311,8 @@ class IndexWriter:
                 self._commit(batch)
 
     def _commit(self, batch: list[tuple[_Work, Future[Any]]], attempt: int = 1) -> None:
+        if attempt == 1 and self._commit_routine(batch):
+            return
         self._pending_ids.clear()
         self._pending_touches.clear()
         try:
@@ -211,6 +345,65 @@ class IndexWriter:
         self._pending_touches.clear()
         for (_, future), result in zip(batch, results, strict=True):
             future.set_result(result)
+
+    def _commit_routine(self, batch: list[tuple[_Work, Future[Any]]]) -> bool:
+        """Commit a batch of routine new instances through the lane; False: not done."""
+        if self._lane is None or not all(type(work) is _InstanceWork for work, _ in batch):
+            return False
+        rows = []
+        for work, _ in batch:
+            values = self._routine_values(cast(_InstanceWork, work).record)
+            if values is None:
+                return False
+            rows.append(values)
+        try:
+            if not self._lane.insert(rows):
+                return False
+        except Exception as exc:  # noqa: BLE001 - the session path retries and reports
+            log.warning("index short lane failed", error=type(exc).__name__)
+            return False
+        for _, future in batch:
+            future.set_result(StoreOutcome.STORED)
+        return True
+
+    def _routine_values(self, record: InstanceRecord) -> dict[str, Any] | None:
+        """The row of a routine instance (module docstring), or None."""
+        header = record.header
+        study_id = self._study_ids.get(header.study_instance_uid)
+        series_id = self._series_ids.get(header.series_instance_uid)
+        if (
+            study_id is None
+            or series_id is None
+            or self._touch_due(("study", study_id), record.received_at)
+            or self._touch_due(("series", series_id), record.received_at)
+        ):
+            return None
+        return self._instance_values(record, study_id, series_id) | {
+            "sop_instance_uid": header.sop_instance_uid,
+            "version": 1,
+        }
+
+    def _instance_values(
+        self, record: InstanceRecord, study_id: int, series_id: int
+    ) -> dict[str, Any]:
+        header = record.header
+        return {
+            "study_id": study_id,
+            "series_id": series_id,
+            "sop_class_uid": header.sop_class_uid,
+            "transfer_syntax_uid": header.transfer_syntax_uid,
+            "modality": header.modality,
+            "calling_ae_title": record.calling_ae_title,
+            "called_ae_title": record.called_ae_title,
+            "peer_address": record.peer_address,
+            "association_id": record.association_id,
+            "received_at": record.received_at,
+            "size_bytes": record.size_bytes,
+            "digest": record.digest,
+            "path": record.path,
+            "state": InstanceState.RECEIVED,
+            "file_missing": False,
+        }
 
     # -- the instance upsert ---------------------------------------------------------------
 
@@ -266,23 +459,7 @@ class IndexWriter:
                 .where(Series.id == series_id)
                 .values(state=StudyState.RECEIVING, last_received_at=now, metadata_written_at=None)
             )
-        values = {
-            "study_id": study_id,
-            "series_id": series_id,
-            "sop_class_uid": header.sop_class_uid,
-            "transfer_syntax_uid": header.transfer_syntax_uid,
-            "modality": header.modality,
-            "calling_ae_title": record.calling_ae_title,
-            "called_ae_title": record.called_ae_title,
-            "peer_address": record.peer_address,
-            "association_id": record.association_id,
-            "received_at": now,
-            "size_bytes": record.size_bytes,
-            "digest": record.digest,
-            "path": record.path,
-            "state": InstanceState.RECEIVED,
-            "file_missing": False,
-        }
+        values = self._instance_values(record, study_id, series_id)
         if existing is None:
             connection.execute(
                 _INSTANCE_INSERT,
@@ -312,12 +489,15 @@ class IndexWriter:
         return StoreOutcome.REPLACED
 
     def _due(self, key: tuple[str, int], now: datetime) -> bool:
-        """Whether a study/series row's ``last_received_at`` must be written now."""
-        last = self._touched.get(key)
-        if last is not None and timedelta(0) <= now - last < TOUCH_INTERVAL:
+        """Whether a study/series row's ``last_received_at`` must be written now (noted)."""
+        if not self._touch_due(key, now):
             return False
         self._pending_touches.append((key, now))
         return True
+
+    def _touch_due(self, key: tuple[str, int], now: datetime) -> bool:
+        last = self._touched.get(key)
+        return last is None or not timedelta(0) <= now - last < TOUCH_INTERVAL
 
     def _study_id(self, session: Session, record: InstanceRecord, study_key: str) -> int:
         header = record.header
