@@ -42,7 +42,13 @@ from fiona.scp.recovery import reconcile
 from fiona.scp.spool import Spool
 from fiona.scp.stability import sweep
 
-__all__ = ["Node", "abort_association", "configure_pynetdicom", "open_node_services"]
+__all__ = [
+    "Node",
+    "abort_association",
+    "configure_pynetdicom",
+    "event_handlers",
+    "open_node_services",
+]
 
 log = get_logger(__name__)
 
@@ -82,6 +88,19 @@ def configure_pynetdicom(spool: Spool) -> None:
     _config.LOG_HANDLER_LEVEL = "none"
     tempfile.tempdir = str(spool.tmp)
     install_c_store_codec()  # C-STORE commands without pydicom datasets, both directions
+
+
+def event_handlers(handlers: ScpHandlers) -> list[tuple[Any, Any]]:
+    """The pynetdicom event bindings of FIONA's SCP."""
+    return [
+        (evt.EVT_CONN_OPEN, handlers.handle_conn_open),
+        (evt.EVT_REQUESTED, handlers.handle_requested),
+        (evt.EVT_REJECTED, handlers.handle_rejected),
+        (evt.EVT_ACCEPTED, handlers.handle_accepted),
+        (evt.EVT_CONN_CLOSE, handlers.handle_conn_close),
+        (evt.EVT_C_ECHO, handlers.handle_echo),
+        (evt.EVT_C_STORE, handlers.handle_store),
+    ]
 
 
 class ReusePortServer(ThreadedAssociationServer):
@@ -191,15 +210,7 @@ class Node:
         ae.dimse_timeout = config.node.dimse_timeout
         ae.network_timeout = config.node.network_timeout
         ae.require_called_aet = False  # FIONA decides in EVT_REQUESTED (several titles)
-        handler_list: list[Any] = [
-            (evt.EVT_CONN_OPEN, handlers.handle_conn_open),
-            (evt.EVT_REQUESTED, handlers.handle_requested),
-            (evt.EVT_REJECTED, handlers.handle_rejected),
-            (evt.EVT_ACCEPTED, handlers.handle_accepted),
-            (evt.EVT_CONN_CLOSE, handlers.handle_conn_close),
-            (evt.EVT_C_ECHO, handlers.handle_echo),
-            (evt.EVT_C_STORE, handlers.handle_store),
-        ]
+        handler_list = event_handlers(handlers)
         server_class = ReusePortServer if config.node.workers > 1 else ThreadedAssociationServer
         if config.node.tls is not None:
             from fiona.tls import server_context

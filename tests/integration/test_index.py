@@ -7,7 +7,9 @@ import json
 import os
 import re
 import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fionatest import make_ct, sample_file
@@ -26,7 +28,8 @@ from fiona.db.models import (
     Study,
     StudyState,
 )
-from fiona.scp.index import StoreOutcome
+from fiona.scp.header import InstanceHeader
+from fiona.scp.index import InstanceRecord, StoreOutcome
 from fiona.scp.ingest import ReceiveFacts, Status
 from fiona.scp.recovery import reconcile
 from fiona.scp.server import NodeServices
@@ -339,3 +342,65 @@ def test_reconcile_redoes_a_rename_the_power_failure_took(  # type: ignore[no-un
         row = session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)).one()
         assert row.file_missing is False
     assert AuditEventType.SPOOL_RECONCILED in audit_types(services)
+
+
+def _record(study: str, series: str, received_at: datetime, sop_uid: str | None = None) -> Any:
+    uid = sop_uid or generate_uid()
+    header = InstanceHeader(
+        "1.2.840.10008.5.1.4.1.1.2", uid, study, series, "1.2.840.10008.1.2.1", "CT"
+    )
+    return InstanceRecord(
+        header, "CT01", "FIONA", "127.0.0.1", "assoc-1", received_at, 1234, "ab" * 32, f"x/{uid}"
+    )
+
+
+def test_routine_instances_take_the_short_lane_and_store_what_the_session_stores(
+    services: NodeServices, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer's short lane (plain INSERTs on its own connection) writes the same row as
+    the ORM session; whatever it cannot take (a known SOP instance, a due touch, an unknown
+    series) goes through the session, in the same order of outcomes."""
+    writer = services.writer
+    lane = writer._lane
+    assert lane is not None  # SQLite and PostgreSQL both have it
+    taken: list[tuple[int, bool]] = []  # (rows, written) of every lane transaction
+    insert = lane.insert
+
+    def recorded(rows: list[dict[str, Any]]) -> bool:
+        written = insert(rows)
+        taken.append((len(rows), written))
+        return written
+
+    monkeypatch.setattr(lane, "insert", recorded)
+    study, series = generate_uid(), generate_uid()
+    start = datetime(2026, 12, 4, 21, 0, 0, 123456, tzinfo=UTC)
+
+    first = _record(study, series, start)  # a new study: the session
+    assert writer.index_instance(first).result(10) is StoreOutcome.STORED
+    assert taken == []
+    routine = _record(study, series, start + timedelta(milliseconds=300))
+    assert writer.index_instance(routine).result(10) is StoreOutcome.STORED
+    assert taken == [(1, True)]
+    # The same instance again (identical digest): the lane finds it, the session decides.
+    assert writer.index_instance(routine).result(10) is StoreOutcome.DUPLICATE
+    # Its twin through the session only, to compare the rows.
+    twin = _record(study, series, routine.received_at)
+    monkeypatch.setattr(writer, "_lane", None)
+    assert writer.index_instance(twin).result(10) is StoreOutcome.STORED
+    monkeypatch.setattr(writer, "_lane", lane)
+    later = _record(study, series, start + timedelta(seconds=2))  # the touch is due
+    assert writer.index_instance(later).result(10) is StoreOutcome.STORED
+    assert taken == [(1, True), (1, False)]  # the duplicate tried it; the due touch did not
+
+    skip = ("id", "sop_instance_uid", "path")
+    columns = [c.name for c in Instance.__table__.columns if c.name not in skip]
+    with services.session_factory() as session:
+        rows = {
+            row.sop_instance_uid: row
+            for row in session.scalars(select(Instance).where(Instance.study_id.is_not(None)))
+        }
+        fast, slow = rows[routine.header.sop_instance_uid], rows[twin.header.sop_instance_uid]
+        assert {c: getattr(fast, c) for c in columns} == {c: getattr(slow, c) for c in columns}
+        assert fast.received_at == routine.received_at and fast.state is InstanceState.RECEIVED
+        study_row = session.scalars(select(Study)).one()
+        assert study_row.last_received_at == later.received_at  # touched by the session

@@ -53,3 +53,39 @@ def test_free_space_floor(tmp_path: Path) -> None:
     too_much = Spool(tmp_path, spool.free_bytes() // (1024 * 1024) + 10)
     with pytest.raises(OutOfSpaceError, match=r"below storage\.min_free_mb"):
         too_much.check_space()
+
+
+def test_a_new_file_in_a_known_folder_has_its_folder_synced_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The folder fsync after a rename is put off only for a new file in an existing folder;
+    a new folder or a replaced file is synced at once, and sync_folders() does the rest."""
+    import fiona.scp.spool as spool_module
+
+    synced: list[Path] = []
+    monkeypatch.setattr(spool_module, "fsync_dir", synced.append)
+    spool = Spool(tmp_path / "store", 0)
+    spool.prepare()
+    series = spool.instance_path("1.2", "1.2.3", "1.2.3.4").parent
+
+    def received(data: bytes) -> Path:
+        path = spool.tmp / f"rx-{len(data)}.dcm"
+        path.write_bytes(data)
+        return path
+
+    spool.commit_file(received(b"a"), series / "1.dcm", synced=True, defer_folder_sync=True)
+    assert sorted(synced) == sorted([series, series.parent, spool.incoming])  # new: at once
+    synced.clear()
+    spool.commit_file(received(b"bb"), series / "2.dcm", synced=True, defer_folder_sync=True)
+    assert synced == []  # put off
+    spool.commit_file(received(b"ccc"), series / "2.dcm", synced=True, defer_folder_sync=True)
+    assert synced == [series]  # a replacement: at once
+    synced.clear()
+    spool.commit_file(received(b"dddd"), series / "3.dcm", synced=True)
+    assert synced == [series]  # not asked to put it off
+    synced.clear()
+    spool.sync_folders()
+    assert synced == [series]
+    spool.sync_folders()
+    assert synced == [series]  # nothing left
+    assert (series / "2.dcm").read_bytes() == b"ccc"

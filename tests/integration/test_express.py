@@ -1,0 +1,288 @@
+"""The express receive path (``fiona.scp.express``) against pynetdicom's own path.
+
+FIONA's SCP runs in this process (so that the tests can see which path served a store);
+a pynetdicom SCU sends. The same instances go to a node on the express path and to one
+where a bound ``EVT_PDU_RECV`` handler sends everything through pynetdicom's path: what
+the sender reads back and what lands in the spool must be the same, byte for byte.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fionatest import dataset_bytes, make_ct, sample_file, write_config
+from peers import poll
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import Verification
+from sqlalchemy import select
+
+from fiona.config import load_config
+from fiona.db.models import AuditEvent, AuditEventType, Instance
+from fiona.scp.cstore import encode_c_store_rq
+from fiona.scp.express import ExpressReceiver
+from fiona.scp.filemeta import ReceivedFile
+from fiona.scp.handlers import ScpHandlers
+from fiona.scp.server import NodeServices, configure_pynetdicom, event_handlers, open_node_services
+
+
+@dataclass
+class Scp:
+    """FIONA's SCP on a free loopback port, and the express receivers of its associations."""
+
+    port: int
+    services: NodeServices
+    receivers: list[ExpressReceiver]
+
+    @property
+    def served(self) -> int:
+        return sum(receiver.served for receiver in self.receivers)
+
+    def stored(self) -> dict[str, bytes]:
+        incoming = self.services.spool.incoming
+        return {p.relative_to(incoming).as_posix(): p.read_bytes() for p in incoming.rglob("*.dcm")}
+
+    def temporary_files(self) -> list[str]:
+        return sorted(p.name for p in self.services.spool.tmp.iterdir())
+
+    def temporary_bytes(self) -> int:
+        """What the temporary files hold (the next store's file, made ahead, is empty)."""
+        return sum(p.stat().st_size for p in self.services.spool.tmp.iterdir())
+
+
+@pytest.fixture
+def start_scp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
+    """Factory: ``start_scp(services, observe=False, max_pdu=None)``."""
+    for name in (
+        "STORE_RECV_CHUNKED_DATASET",
+        "STORE_SEND_CHUNKED_DATASET",
+        "UNRESTRICTED_STORAGE_SERVICE",
+        "LOG_HANDLER_LEVEL",
+    ):
+        monkeypatch.setattr(_config, name, getattr(_config, name))  # restored afterwards
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+    servers = []
+
+    def start(services: NodeServices, *, observe: bool = False, max_pdu: int | None = None) -> Scp:
+        configure_pynetdicom(services.spool)
+        receivers: list[ExpressReceiver] = []
+        handlers = ScpHandlers(services.config, services.ingestor, services.clock)
+
+        def conn_open(event: Any) -> None:
+            handlers.handle_conn_open(event)
+            receivers.append(event.assoc.dul._fiona_express)
+
+        ae = AE(ae_title=services.config.node.ae_title)
+        ae.add_supported_context(Verification)
+        ae.maximum_pdu_size = max_pdu or services.config.node.maximum_pdu_size
+        ae.require_called_aet = False
+        bindings = [
+            (event, conn_open if event == evt.EVT_CONN_OPEN else handler)
+            for event, handler in event_handlers(handlers)
+        ]
+        if observe:  # an observer of received PDUs: pynetdicom's path for everything
+            bindings.append((evt.EVT_PDU_RECV, lambda event: None))
+        server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=bindings)
+        servers.append(server)
+        return Scp(server.server_address[1], services, receivers)
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def _other_services(tmp_path: Path, name: str) -> NodeServices:
+    folder = tmp_path / name
+    return open_node_services(load_config(write_config(folder, f"sqlite:///{folder}/fiona.db")))
+
+
+def _sender() -> AE:
+    ae = AE(ae_title="SENDER")
+    for sop_class in (
+        "1.2.840.10008.5.1.4.1.1.2",  # CT
+        "1.2.840.10008.5.1.4.1.1.4",  # MR
+        "1.2.840.10008.5.1.4.1.1.7",  # secondary capture
+    ):
+        for syntax in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.91"):
+            ae.add_requested_context(sop_class, syntax)  # one context each: all accepted
+    ae.add_requested_context(Verification)
+    return ae
+
+
+def _send(
+    port: int, files: list[Path], *, echo_between: bool = False
+) -> tuple[list[tuple[int, str | None]], list[bytes]]:
+    """C-STORE `files` on one association: (status, Error Comment) each, and the raw
+    P-DATA-TF PDUs the SCP answered with."""
+    received: list[bytes] = []
+    assoc = _sender().associate(
+        "127.0.0.1",
+        port,
+        ae_title="FIONA",
+        evt_handlers=[(evt.EVT_DATA_RECV, lambda event: received.append(bytes(event.data)))],
+    )
+    assert assoc.is_established
+    answers = []
+    try:
+        for path in files:
+            status = assoc.send_c_store(path)
+            answers.append((int(status.Status), status.get("ErrorComment")))
+            if echo_between:
+                assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+    return answers, [pdu for pdu in received if pdu[:1] == b"\x04"]
+
+
+def _corpus(folder: Path) -> list[Path]:
+    """Instances of several kinds, the last one without a Study Instance UID (quarantined)."""
+    folder.mkdir()
+    study, series = generate_uid(), generate_uid()
+    files = []
+    for i, size in enumerate((16, 256, 512)):
+        ds = make_ct(study, series, size=size, instance_number=i + 1, seed=i)
+        ds.save_as(folder / f"ct{i}.dcm", enforce_file_format=True)
+        files.append(folder / f"ct{i}.dcm")
+    files += [sample_file("MR_small.dcm"), sample_file("JPEG2000.dcm")]
+    broken = make_ct(study, series, seed=9)
+    del broken.StudyInstanceUID
+    broken.save_as(folder / "broken.dcm", enforce_file_format=True)
+    return [*files, folder / "broken.dcm"]
+
+
+@pytest.mark.parametrize("max_pdu", [16384, 1_048_576])
+def test_express_answers_and_stores_exactly_as_pynetdicoms_path(  # type: ignore[no-untyped-def]
+    start_scp, services: NodeServices, tmp_path: Path, max_pdu: int
+) -> None:
+    files = _corpus(tmp_path / "corpus")
+    express = start_scp(services, max_pdu=max_pdu)
+    other = _other_services(tmp_path, "observed")
+    try:
+        reference = start_scp(other, observe=True, max_pdu=max_pdu)
+        answers, responses = _send(express.port, files)
+        expected_answers, expected_responses = _send(reference.port, files)
+
+        assert [status for status, _ in answers] == [0] * 5 + [0xC210]
+        assert answers == expected_answers
+        assert responses == expected_responses  # the C-STORE-RSP PDUs, byte for byte
+        assert express.served == len(files) and reference.served == 0
+        stored = express.stored()
+        assert len(stored) == 5 and stored == reference.stored()
+        received = sorted(dataset_bytes(express.services.spool.incoming / p) for p in stored)
+        assert received == sorted(dataset_bytes(path) for path in files[:5])  # as sent
+        with services.session_factory() as session, other.session_factory() as second:
+            digests = sorted(session.scalars(select(Instance.digest)))
+            assert digests == sorted(second.scalars(select(Instance.digest)))
+        poll(lambda: not express.temporary_files(), 10, "temporary files removed")
+    finally:
+        other.close()
+
+
+def test_other_messages_on_the_same_association_take_pynetdicoms_path(  # type: ignore[no-untyped-def]
+    start_scp, services: NodeServices, tmp_path: Path
+) -> None:
+    files = _corpus(tmp_path / "corpus")[:3]
+    scp = start_scp(services)
+    answers, _ = _send(scp.port, files, echo_between=True)  # C-ECHO after every C-STORE
+    assert answers == [(0, None)] * 3
+    assert scp.served == 3 and len(scp.stored()) == 3
+
+
+def test_a_command_in_fragments_takes_pynetdicoms_path(  # type: ignore[no-untyped-def]
+    start_scp, services: NodeServices, tmp_path: Path
+) -> None:
+    """A 128-byte PDU limit splits the C-STORE-RQ command over two PDUs."""
+    path = tmp_path / "small.dcm"
+    make_ct(generate_uid(), generate_uid(), size=8).save_as(path, enforce_file_format=True)
+    scp = start_scp(services, max_pdu=128)
+    answers, _ = _send(scp.port, [path])
+    assert answers == [(0, None)]
+    assert scp.served == 0 and len(scp.stored()) == 1
+
+
+def _pdv_pdu(context_id: int, control: int, value: bytes) -> bytes:
+    return struct.pack(">BBL", 4, 0, len(value) + 6) + struct.pack(
+        ">LBB", len(value) + 2, context_id, control
+    ) + value
+
+
+def _started_store(assoc: Any, path: Path) -> int:
+    """Send a C-STORE-RQ command and the first half of its data set, by hand; the
+    presentation context ID."""
+    ds = dcmread(path)
+    context = next(cx for cx in assoc.accepted_contexts if cx.abstract_syntax == ds.SOPClassUID)
+    raw = path.read_bytes()
+    data = raw[132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength) :]
+    command = encode_c_store_rq(7, 2, ds.SOPClassUID, ds.SOPInstanceUID)
+    send = assoc.dul.socket.send
+    send(_pdv_pdu(context.context_id, 0x03, command))
+    send(_pdv_pdu(context.context_id, 0x00, data[: len(data) // 2]))
+    return int(context.context_id)
+
+
+def test_a_transfer_cut_off_leaves_no_temporary_file(  # type: ignore[no-untyped-def]
+    start_scp, services: NodeServices, tmp_path: Path
+) -> None:
+    files = _corpus(tmp_path / "corpus")
+    scp = start_scp(services)
+    assoc = _sender().associate("127.0.0.1", scp.port, ae_title="FIONA")
+    assert assoc.send_c_store(files[1]).Status == 0x0000  # leaves the next file ready
+    _started_store(assoc, files[2])
+    poll(lambda: len(scp.temporary_files()) == 1, 10, "the cut-off store's file")
+    assoc.abort()
+    poll(lambda: not scp.temporary_files(), 10, "temporary files removed")
+    assert scp.served == 1 and len(scp.stored()) == 1
+
+
+def test_a_command_inside_a_data_set_ends_the_association(  # type: ignore[no-untyped-def]
+    start_scp, services: NodeServices, tmp_path: Path
+) -> None:
+    files = _corpus(tmp_path / "corpus")
+    scp = start_scp(services)
+    assoc = _sender().associate("127.0.0.1", scp.port, ae_title="FIONA")
+    context_id = _started_store(assoc, files[1])
+    assoc.dul.socket.send(_pdv_pdu(context_id, 0x03, b"\x00" * 16))  # a command, mid-data
+    poll(lambda: assoc.is_aborted, 10, "the SCP aborts the association")
+    poll(lambda: not scp.temporary_files(), 10, "temporary files removed")
+    assert scp.stored() == {}
+    answers, _ = _send(scp.port, files[:1])  # the node goes on serving
+    assert answers == [(0, None)]
+
+
+def test_a_file_that_cannot_be_written_is_answered_out_of_resources(  # type: ignore[no-untyped-def]
+    start_scp, services: NodeServices, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = _corpus(tmp_path / "corpus")
+    scp = start_scp(services)
+    full = {"disk": True}
+    write = ReceivedFile.write
+
+    def write_or_fail(self: ReceivedFile, data: Any) -> int:
+        if full["disk"] and isinstance(data, memoryview):  # the data set's fragments
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, data)
+
+    monkeypatch.setattr(ReceivedFile, "write", write_or_fail)
+    assoc = _sender().associate("127.0.0.1", scp.port, ae_title="FIONA")
+    try:
+        refused = assoc.send_c_store(files[1])
+        assert refused.Status == 0xA700
+        assert refused.ErrorComment == "cannot write received data: No space left on device"
+        assert scp.temporary_bytes() == 0  # nothing of it kept
+        full["disk"] = False
+        assert assoc.send_c_store(files[1]).Status == 0x0000  # the association goes on
+    finally:
+        assoc.release()
+    assert len(scp.stored()) == 1
+    poll(lambda: not scp.temporary_files(), 10, "temporary files removed")
+    with services.session_factory() as session:
+        types = list(session.scalars(select(AuditEvent.event_type)))
+    assert AuditEventType.STORE_REFUSED in types
