@@ -336,7 +336,7 @@ class ExpressReceiver:
         folder = tempfile.gettempdir()
         with self._lock:
             spare, self._spare = self._spare, None
-        if spare is not None and os.path.dirname(spare.name) == folder:
+        if spare is not None and str(Path(spare.name).parent) == folder:
             return spare
         if spare is not None:
             self._remove(spare)
@@ -438,7 +438,7 @@ class ExpressReceiver:
         response.AffectedSOPInstanceUID = message.sop_instance_uid
         response.Status = status
         if comment is not None:
-            response.ErrorComment = comment
+            response.ErrorComment = comment  # type: ignore[assignment]
         self.assoc.dimse.send_msg(response, message.context_id)  # queued; this thread sends
 
     # -- any thread ------------------------------------------------------------------------

@@ -16,6 +16,7 @@ exists, an error), goes through the session as before.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -147,13 +148,16 @@ class _RoutineLane:
         self._engine = engine
         self._sqlite = dialect.name == "sqlite"
         columns = [_INSTANCES.c[name] for name in _LANE_COLUMNS]
-        marker = (lambda name: f":{name}") if self._sqlite else (lambda name: f"%({name})s")
-        self._sql = (
-            f"INSERT INTO {_INSTANCES.name} ({', '.join(c.name for c in columns)}) "
-            f"VALUES ({', '.join(marker(c.name) for c in columns)}) "
-            "ON CONFLICT (sop_instance_uid) DO NOTHING"
+        names = [column.name for column in columns]  # the table's own: no outside text
+        markers = [f":{name}" if self._sqlite else f"%({name})s" for name in names]
+        self._sql = " ".join(
+            (
+                f"INSERT INTO {_INSTANCES.name} ({', '.join(names)})",
+                f"VALUES ({', '.join(markers)})",
+                "ON CONFLICT (sop_instance_uid) DO NOTHING",
+            )
         )
-        self._processors = [
+        self._processors: list[tuple[str, Callable[[Any], Any] | None]] = [
             (column.name, column.type.dialect_impl(dialect).bind_processor(dialect))
             for column in columns
         ]
@@ -199,21 +203,17 @@ class _RoutineLane:
             cursor.close()
 
     def _rollback(self, cursor: Any) -> None:
-        try:
+        with contextlib.suppress(Exception):  # no transaction left to roll back
             if self._sqlite:
                 cursor.execute("ROLLBACK")
             else:
                 self._connection.rollback()
-        except Exception:  # noqa: BLE001 - no transaction left to roll back
-            pass
 
     def close(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
-            try:
+            with contextlib.suppress(Exception):  # a broken connection is discarded
                 connection.close()
-            except Exception:  # noqa: BLE001 - a broken connection is discarded
-                pass
 
 
 class IndexWriter:

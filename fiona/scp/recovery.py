@@ -15,6 +15,7 @@ Run before the SCP accepts associations:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -56,9 +57,7 @@ def reconcile(
 ) -> ReconcileResult:
     """Reconcile spool and index (see the module docstring)."""
     with session_factory() as session:
-        rows = session.execute(
-            select(Instance.path, Instance.file_missing, Instance.digest)
-        ).all()
+        rows = session.execute(select(Instance.path, Instance.file_missing, Instance.digest)).all()
     known = {path: flagged for path, flagged, _digest in rows}
     restored = _restore_renames(spool, rows)
     removed = 0
@@ -139,7 +138,7 @@ def reconcile(
     return result
 
 
-def _restore_renames(spool: Spool, rows: list[Any]) -> int:
+def _restore_renames(spool: Spool, rows: Sequence[Any]) -> int:
     """Move temporary files into place whose SHA-256 an index row without its file holds."""
     candidates = [entry.path for entry in os.scandir(spool.tmp) if entry.is_file()]
     if not candidates:

@@ -90,7 +90,7 @@ def configure_pynetdicom(spool: Spool) -> None:
     install_c_store_codec()  # C-STORE commands without pydicom datasets, both directions
 
 
-def event_handlers(handlers: ScpHandlers) -> list[tuple[Any, Any]]:
+def event_handlers(handlers: ScpHandlers) -> list[Any]:
     """The pynetdicom event bindings of FIONA's SCP."""
     return [
         (evt.EVT_CONN_OPEN, handlers.handle_conn_open),

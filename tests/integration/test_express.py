@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from fionatest import dataset_bytes, make_ct, sample_file, write_config
 from peers import poll
+from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config, evt
@@ -69,6 +70,8 @@ def start_scp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
     ):
         monkeypatch.setattr(_config, name, getattr(_config, name))  # restored afterwards
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+    settings = pydicom_config.settings
+    monkeypatch.setattr(settings, "reading_validation_mode", settings.reading_validation_mode)
     servers = []
 
     def start(services: NodeServices, *, observe: bool = False, max_pdu: int | None = None) -> Scp:
@@ -209,9 +212,11 @@ def test_a_command_in_fragments_takes_pynetdicoms_path(  # type: ignore[no-untyp
 
 
 def _pdv_pdu(context_id: int, control: int, value: bytes) -> bytes:
-    return struct.pack(">BBL", 4, 0, len(value) + 6) + struct.pack(
-        ">LBB", len(value) + 2, context_id, control
-    ) + value
+    return (
+        struct.pack(">BBL", 4, 0, len(value) + 6)
+        + struct.pack(">LBB", len(value) + 2, context_id, control)
+        + value
+    )
 
 
 def _started_store(assoc: Any, path: Path) -> int:

@@ -453,7 +453,6 @@ def test_received_files_are_plain_files_that_never_clobber(tmp_path: Any) -> Non
     """pynetdicom's temporary file for a C-STORE, as FIONA makes it: what pynetdicom and the
     handler use of it works, the bytes are exact, and it never overwrites an existing file."""
     import os
-    import sys
 
     import fiona.scp.filemeta as filemeta
 
@@ -469,7 +468,7 @@ def test_received_files_are_plain_files_that_never_clobber(tmp_path: Any) -> Non
     first.write(b"\x00" * 128 + b"DICM")
     for start in range(0, len(payload), 131072):
         first.write(memoryview(payload)[start : start + 131072])
-        first.file.flush()  # pynetdicom's call: also starts the write-back
+        first.file.flush()  # pynetdicom's call
     os.fsync(first.fileno())
     assert not first.closed
     first.close()
@@ -495,5 +494,3 @@ def test_received_files_are_plain_files_that_never_clobber(tmp_path: Any) -> Non
     assert isinstance(made, filemeta.ReceivedFile)
     assert os.path.dirname(made.name) == str(tmp_path / "spool-tmp")
     assert not isinstance(other, filemeta.ReceivedFile)
-    if sys.platform.startswith("linux"):
-        assert filemeta._sync_file_range is not None  # the early write-back is in use here
