@@ -8,14 +8,15 @@ edited, the wrappers are installed from here — and sends the benchmark corpus 
 what it costs in wall time and CPU (they are what-ifs, not proposals: "no-file-fsync"
 breaks FIONA's durability promise):
 
-* ``baseline``       FIONA as configured (1 MB PDU, fsync + rename + dir fsync, SQLite FULL)
+* ``baseline``       FIONA as configured (1 MB PDU, express receive, fsync + rename,
+                     SQLite FULL)
+* ``pynetdicom-path`` an observer of received PDUs is bound: every C-STORE takes
+                     pynetdicom's own path (DUL, DIMSE, association thread), as before the
+                     express receive
 * ``no-file-fsync``  os.fsync of the received file and its folder is a no-op
-* ``no-dir-fsync``   the fsync of the folder a received file is renamed into is a no-op
 * ``sqlite-normal``  PRAGMA synchronous=NORMAL instead of FULL (WAL: no fsync per commit)
-* ``fast-poll``      pynetdicom's 1 ms reactor/DUL poll sleeps shortened to 0.05 ms
-* ``no-digest``      the SHA-256 of the received file is skipped (digest column = "x")
-* ``pdu-16k`` / ``pdu-128k``  node.maximum_pdu_size 16384 / 131072
-* ``all-off``        no-file-fsync + sqlite-normal + fast-poll (an upper bound)
+* ``pdu-16k``        node.maximum_pdu_size 16384 (dcmtk storescu sends at most 128 KB PDUs)
+* ``all-off``        no-file-fsync + sqlite-normal (an upper bound)
 
 Usage::
 
@@ -42,13 +43,10 @@ import receive  # noqa: E402  (bench/receive.py: corpus and storescu helpers)
 
 VARIANTS = (
     "baseline",
+    "pynetdicom-path",
     "no-file-fsync",
-    "no-dir-fsync",
     "sqlite-normal",
-    "fast-poll",
-    "no-digest",
     "pdu-16k",
-    "pdu-128k",
     "all-off",
 )
 
@@ -83,27 +81,17 @@ def timed(rec: Recorder, name: str, func: Any) -> Any:
 
 def install(rec: Recorder, variant: str) -> None:
     """Timing wrappers and the variant's patch (module attributes, this process only)."""
-    import time as _time
 
     import pynetdicom.association
     import pynetdicom.dimse
     import pynetdicom.dul
 
     from fiona.db import engine as db_engine
-    from fiona.scp import handlers, index, ingest, spool
+    from fiona.scp import express, handlers, index, ingest, server, spool
 
     ingest.checked_header = timed(rec, "header parse (checked_header)", ingest.checked_header)
-    if variant == "no-digest":
-
-        def no_digest(path: Any) -> tuple[str, int]:
-            return "x", os.stat(path).st_size
-
-        ingest.file_digest = timed(rec, "sha256 digest (file_digest)", no_digest)
-    else:
-        ingest.file_digest = timed(rec, "sha256 digest (file_digest)", ingest.file_digest)
-    spool.Spool.commit_file = timed(
-        rec, "fsync+rename+dir fsync (commit_file)", spool.Spool.commit_file
-    )
+    ingest.file_digest = timed(rec, "sha256 digest (file_digest)", ingest.file_digest)
+    spool.Spool.commit_file = timed(rec, "rename into place (commit_file)", spool.Spool.commit_file)
     spool.Spool.check_space = timed(rec, "free-space check (statvfs)", spool.Spool.check_space)
     ingest.Ingestor.ingest = timed(rec, "ingest total", ingest.Ingestor.ingest)
 
@@ -134,6 +122,51 @@ def install(rec: Recorder, variant: str) -> None:
             rec.add("writer transaction (all work + commit)", time.perf_counter() - t0)
 
     index.IndexWriter._commit = commit  # type: ignore[method-assign]
+    index._RoutineLane.insert = timed(  # type: ignore[method-assign]
+        rec, "writer short lane (INSERT + COMMIT)", index._RoutineLane.insert
+    )
+
+    # the express path (fiona.scp.express), and the cycle marks on it
+    receiver = express.ExpressReceiver
+    receiver._read_pdu = timed(rec, "express: PDU read (DUL thread)", receiver._read_pdu)  # type: ignore[method-assign]
+    receiver._write = timed(  # type: ignore[method-assign]
+        rec, "express: fragments written + SHA-256 (DUL thread)", receiver._write
+    )
+    receiver._prepare_spare = timed(  # type: ignore[method-assign]
+        rec, "express: next temporary file made ahead", receiver._prepare_spare
+    )
+    original_begin, original_finish = receiver._begin, receiver._finish
+    original_respond = receiver._respond
+
+    def begin(self: Any, context_id: int, command: bytes) -> Any:
+        rec.mark("command_in")
+        return original_begin(self, context_id, command)
+
+    def finish(self: Any, message: Any) -> None:
+        rec.mark("data_complete")
+        t0 = time.perf_counter()
+        try:
+            original_finish(self, message)
+        finally:
+            rec.add("express: store and answer (_finish)", time.perf_counter() - t0)
+
+    def respond(self: Any, message: Any, status: int, comment: Any) -> None:
+        original_respond(self, message, status, comment)
+        rec.mark("answer_sent")
+
+    receiver._begin = begin  # type: ignore[method-assign]
+    receiver._finish = finish  # type: ignore[method-assign]
+    receiver._respond = respond  # type: ignore[method-assign]
+    handlers.ScpHandlers.store_file = timed(  # type: ignore[method-assign]
+        rec, "store_file total (ingest, both paths)", handlers.ScpHandlers.store_file
+    )
+    if variant == "pynetdicom-path":
+        original_bindings = server.event_handlers
+
+        def observed(handlers_: Any) -> list[Any]:
+            return [*original_bindings(handlers_), (pynetdicom.evt.EVT_PDU_RECV, lambda e: None)]
+
+        server.event_handlers = observed
 
     original_store = handlers.ScpHandlers.handle_store
 
@@ -195,8 +228,6 @@ def install(rec: Recorder, variant: str) -> None:
 
     if variant in ("no-file-fsync", "all-off"):
         spool.os.fsync = lambda fd: None  # only FIONA's Python code calls os.fsync here
-    if variant == "no-dir-fsync":
-        spool.fsync_dir = lambda path: None
     if variant in ("sqlite-normal", "all-off"):
 
         def pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -208,22 +239,36 @@ def install(rec: Recorder, variant: str) -> None:
             cur.close()
 
         db_engine._sqlite_pragmas = pragmas
-    if variant in ("fast-poll", "all-off"):
 
-        class FastTime:
-            def __getattr__(self, name: str) -> Any:
-                return getattr(_time, name)
 
-            @staticmethod
-            def sleep(seconds: float) -> None:
-                _time.sleep(min(seconds, 0.00005) if seconds <= 0.001 else seconds)
-
-        pynetdicom.association.time = FastTime()  # type: ignore[assignment]
-        pynetdicom.dul.time = FastTime()  # type: ignore[assignment]
+def express_cycle(rec: Recorder) -> dict[str, float]:
+    """Split each instance's cycle on the express path (command in → next command in)."""
+    starts, completes = rec.marks.get("command_in", []), rec.marks.get("data_complete", [])
+    answers = rec.marks.get("answer_sent", [])
+    phases: dict[str, list[float]] = {
+        "A command in → data set complete (receive: PDU reads, file writes, SHA-256)": [],
+        "B data set complete → answer sent (store: header, fsync, index, rename)": [],
+        "C answer sent → next command in (storescu's turn; next file made ahead)": [],
+    }
+    for i in range(min(len(starts), len(completes), len(answers)) - 1):
+        t_in, t_done, t_sent, t_next = starts[i], completes[i], answers[i], starts[i + 1]
+        if not t_in <= t_done <= t_sent <= t_next:
+            continue
+        phases[
+            "A command in → data set complete (receive: PDU reads, file writes, SHA-256)"
+        ].append(t_done - t_in)
+        phases["B data set complete → answer sent (store: header, fsync, index, rename)"].append(
+            t_sent - t_done
+        )
+        phases["C answer sent → next command in (storescu's turn; next file made ahead)"].append(
+            t_next - t_sent
+        )
+    return {k: statistics.mean(v) * 1000 for k, v in phases.items() if v}
 
 
 def cycle_breakdown(rec: Recorder) -> dict[str, float]:
-    """Split each instance's cycle (handler entry → next handler entry) into phases."""
+    """Split each instance's cycle (handler entry → next handler entry) into phases
+    (pynetdicom's path)."""
     hin, hout = rec.marks.get("handler_in", []), rec.marks.get("handler_out", [])
     sent, ready = rec.marks.get("pdu_sent", []), rec.marks.get("msg_ready", [])
     phases: dict[str, list[float]] = {
@@ -302,7 +347,7 @@ def child(args: argparse.Namespace) -> int:
         "instances_per_s": n / result.assoc_s,
         "server_cpu_ms_per_instance": cpu * 1000 / n,
         "stages": stages,
-        "cycle_ms": cycle_breakdown(rec),
+        "cycle_ms": express_cycle(rec) or cycle_breakdown(rec),
         "writer_batch_mean": statistics.mean(rec.batches) if rec.batches else 0,
     }
     subprocess.run(["rm", "-rf", str(workdir)], check=False)
@@ -318,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument(
-        "--variants", default="baseline,no-file-fsync,sqlite-normal,fast-poll,no-digest,all-off"
+        "--variants", default="baseline,pynetdicom-path,no-file-fsync,sqlite-normal,all-off"
     )
     p.add_argument("--corpus", type=Path, default=receive.DEFAULT_CORPUS)
     p.add_argument("--scratch", type=Path, default=receive.OUT / "rounds")
