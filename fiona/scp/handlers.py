@@ -13,6 +13,7 @@ import threading
 import types
 import uuid
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -382,12 +383,14 @@ class ScpHandlers:
         path: Path,
         fd: int | None,
         digest: tuple[str, int] | None = None,
+        meanwhile: Callable[[], None] | None = None,
     ) -> tuple[int, str | None]:
         """Ingest a received file; success only once its bytes are durable and indexed.
 
         `digest` is the file's SHA-256 (hex) and size when the receiver computed them while
-        writing it. Returns the status and its Error Comment (None when there is nothing to
-        explain). Never raises. Called by :meth:`handle_store` and by the express path.
+        writing it; `meanwhile` runs while the store waits for its fsync and index commit.
+        Returns the status and its Error Comment (None when there is nothing to explain).
+        Never raises. Called by :meth:`handle_store` and by the express path.
         """
         try:
             with self._lock:
@@ -400,6 +403,7 @@ class ScpHandlers:
                 fd=fd,
                 expected_sop_instance_uid=sop_instance_uid,
                 digest=digest,
+                meanwhile=meanwhile,
             )
             with context.lock:
                 if result.ok:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,18 +107,22 @@ class Ingestor:
         fd: int | None = None,
         expected_sop_instance_uid: str | None = None,
         digest: tuple[str, int] | None = None,
+        meanwhile: Callable[[], None] | None = None,
     ) -> IngestResult:
         """Store the file at `tmp_path` (on the spool filesystem) durably and index it.
 
         `digest`: the file's SHA-256 (hex) and size, when the caller computed them as it
-        wrote the file (otherwise the file is read back for them).
+        wrote the file (otherwise the file is read back for them). `meanwhile` runs once the
+        file's fsync and its index commit are under way, while this thread waits for them
+        (the express path creates its next temporary file then: ~0.3 ms that would
+        otherwise lengthen the cycle); its exceptions are logged, never raised.
 
         Never raises: every failure is an :class:`IngestResult` with a failure status.
         On success `tmp_path` no longer exists; on failure it may still exist and the
         caller deletes it (its bytes were quarantined if they were the problem).
         """
         try:
-            return self._ingest(tmp_path, facts, fd, expected_sop_instance_uid, digest)
+            return self._ingest(tmp_path, facts, fd, expected_sop_instance_uid, digest, meanwhile)
         except StorageError as exc:  # OutOfSpaceError included: both are 0xA700
             return self.refuse(facts, Status.OUT_OF_RESOURCES, str(exc))
         except Exception as exc:
@@ -133,6 +138,7 @@ class Ingestor:
         fd: int | None,
         expected_sop_instance_uid: str | None,
         known_digest: tuple[str, int] | None,
+        meanwhile: Callable[[], None] | None,
     ) -> IngestResult:
         # The received bytes already sit in tmp/ on the spool filesystem: the rename into
         # incoming/ needs no more space, so the floor is checked as things stand.
@@ -160,7 +166,7 @@ class Ingestor:
         except BaseException:
             _wait_quietly(synced)
             raise
-        return self._place(tmp_path, facts, header, digest, size, synced)
+        return self._place(tmp_path, facts, header, digest, size, synced, meanwhile)
 
     def _place(
         self,
@@ -170,6 +176,7 @@ class Ingestor:
         digest: str,
         size: int,
         synced: Future[None],
+        meanwhile: Callable[[], None] | None,
     ) -> IngestResult:
         """Index the file and, once its fsync is done, rename it into place (both must work)."""
         final = self.spool.instance_path(
@@ -191,6 +198,11 @@ class Ingestor:
             path=self.spool.relative(final),
         )
         pending = self.writer.index_instance(record)
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except Exception:
+                log.exception("work beside a store failed")
         try:
             try:
                 synced.result()

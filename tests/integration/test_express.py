@@ -239,9 +239,14 @@ def test_a_transfer_cut_off_leaves_no_temporary_file(  # type: ignore[no-untyped
     files = _corpus(tmp_path / "corpus")
     scp = start_scp(services)
     assoc = _sender().associate("127.0.0.1", scp.port, ae_title="FIONA")
-    assert assoc.send_c_store(files[1]).Status == 0x0000  # leaves the next file ready
+    assert assoc.send_c_store(files[1]).Status == 0x0000
+    assert len(scp.temporary_files()) == 1 and scp.temporary_bytes() == 0  # made ahead
     _started_store(assoc, files[2])
-    poll(lambda: len(scp.temporary_files()) == 1, 10, "the cut-off store's file")
+    poll(
+        lambda: len(scp.temporary_files()) == 1 and scp.temporary_bytes() > 0,
+        10,
+        "the cut-off store writing into the file made ahead",
+    )
     assoc.abort()
     poll(lambda: not scp.temporary_files(), 10, "temporary files removed")
     assert scp.served == 1 and len(scp.stored()) == 1
