@@ -770,23 +770,31 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 rr = run_round(name, rnd, files, args, args.scratch)
             except Exception as exc:  # noqa: BLE001 - report and go on with the next one
+                zero = dict.fromkeys(
+                    (
+                        "wall_s",
+                        "assoc_s",
+                        "instances_per_s",
+                        "server_cpu_ms_per_instance",
+                        "server_user_ms_per_instance",
+                        "server_sys_ms_per_instance",
+                        "server_peak_rss_mb",
+                        "client_cpu_ms_per_instance",
+                        "startup_s",
+                        "stop_s",
+                    ),
+                    0.0,
+                )
                 rr = RoundResult(
-                    name,
-                    rnd,
-                    len(files),
-                    args.parallel,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    -1,
-                    0,
-                    0,
-                    False,
-                    [f"{type(exc).__name__}: {exc}"],
+                    target=name,
+                    round=rnd,
+                    count=len(files),
+                    parallel=args.parallel,
+                    received=0,
+                    stop_code=-1,
+                    ok=False,
+                    problems=[f"{type(exc).__name__}: {exc}"],
+                    **zero,
                 )
             results.append(rr)
             status = "ok" if rr.ok else "FAILED: " + "; ".join(rr.problems[:3])
