@@ -15,10 +15,8 @@ Run before the SCP accepts associations:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -59,20 +57,24 @@ def reconcile(
     with session_factory() as session:
         rows = session.execute(select(Instance.path, Instance.file_missing, Instance.digest)).all()
     known = {path: flagged for path, flagged, _digest in rows}
-    restored = _restore_renames(spool, rows)
+    on_disk = {spool.relative(path) for path in spool.incoming.glob("*/*/*.dcm")}
+    absent = {  # the SHA-256 of each row whose file is not where the row says -> its path
+        digest: path for path, flagged, digest in rows if not flagged and path not in on_disk
+    }
+    restored = _restore_renames(spool, absent)
+    on_disk.update(restored)
     removed = 0
     for entry in os.scandir(spool.tmp):
         if entry.is_file():
+            if entry.stat().st_size:  # empty: a file made ahead for a store that never came
+                removed += 1
             os.unlink(entry.path)
-            removed += 1
 
-    on_disk: set[str] = set()
     indexed = unreadable = 0
-    for path in spool.incoming.glob("*/*/*.dcm"):
-        relative = spool.relative(path)
-        on_disk.add(relative)
+    for relative in sorted(on_disk):
         if relative in known and not known[relative]:
             continue
+        path = spool.root / relative
         try:
             header = read_header(path)
         except HeaderError as exc:
@@ -111,7 +113,7 @@ def reconcile(
                     count=len(missing),
                 )
             )
-    result = ReconcileResult(removed, restored, indexed, len(missing), unreadable)
+    result = ReconcileResult(removed, len(restored), indexed, len(missing), unreadable)
     if removed or restored or indexed or missing or unreadable:
         writer.add(
             [
@@ -138,20 +140,16 @@ def reconcile(
     return result
 
 
-def _restore_renames(spool: Spool, rows: Sequence[Any]) -> int:
-    """Move temporary files into place whose SHA-256 an index row without its file holds."""
-    candidates = [entry.path for entry in os.scandir(spool.tmp) if entry.is_file()]
-    if not candidates:
-        return 0
-    wanted = {  # digest -> where the row says its file is
-        digest: path
-        for path, flagged, digest in rows
-        if not flagged and not (spool.root / path).exists()
-    }
-    restored = 0
-    for candidate in candidates if wanted else []:
+def _restore_renames(spool: Spool, absent: dict[str, str]) -> list[str]:
+    """Move temporary files into place whose SHA-256 a row without its file holds (`absent`:
+    digest -> the row's path); the paths restored."""
+    candidates = [
+        entry.path for entry in os.scandir(spool.tmp) if entry.is_file() and entry.stat().st_size
+    ]
+    restored: list[str] = []
+    for candidate in candidates if absent else []:
         digest, _size = file_digest(candidate)
-        target = wanted.pop(digest, None)
+        target = absent.pop(digest, None)
         if target is None:
             continue
         final = spool.root / target
@@ -162,6 +160,6 @@ def _restore_renames(spool: Spool, rows: Sequence[Any]) -> int:
         if created:
             fsync_dir(final.parent.parent)
             fsync_dir(final.parent.parent.parent)
-        restored += 1
+        restored.append(target)
         log.warning("file restored from tmp/ after a crash", path=target)
     return restored

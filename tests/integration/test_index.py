@@ -320,7 +320,8 @@ def test_reconcile_redoes_a_rename_the_power_failure_took(  # type: ignore[no-un
 ) -> None:
     """A success was answered with the folder's fsync put off; the power failed before the
     journal held the rename: the bytes are in tmp/ under their temporary name, the row in
-    the index. Recovery moves exactly that file into place; other temporary files go."""
+    the index. Recovery moves exactly that file into place; other temporary files go (the
+    count leaves out empty ones, made ahead for a store that never came)."""
     study, series = generate_uid(), generate_uid()
     sent = save(make_ct(study, series, seed=7), tmp_path / "sent.dcm")
     assert services.ingestor.ingest(put(services, sent), FACTS).ok
@@ -329,6 +330,7 @@ def test_reconcile_redoes_a_rename_the_power_failure_took(  # type: ignore[no-un
     original = final.read_bytes()
     os.replace(final, services.spool.tmp / "rx-4242-17.dcm")  # the rename, undone
     (services.spool.tmp / "rx-4242-18.dcm").write_bytes(original[:1000])  # cut off
+    (services.spool.tmp / "rx-4242-19.dcm").write_bytes(b"")  # made ahead, never used
 
     result = reconcile(services.session_factory, services.spool, services.writer, clock())
     assert (result.files_restored, result.temporary_removed, result.rows_missing_file) == (
