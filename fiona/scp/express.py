@@ -131,6 +131,32 @@ def _pdv_items(pdu: bytearray) -> list[tuple[int, int, int, int]] | None:
     return items or None
 
 
+_PREALLOCATE_BYTES = 8 << 20
+"""PDUs up to this length are read into a buffer of their size at once; longer ones (more
+than any negotiated maximum FIONA proposes) grow as their bytes arrive, so that a length
+field alone cannot make FIONA allocate gigabytes."""
+
+
+def _receive_pdu(sock: Any, header: bytes, length: int) -> bytearray:
+    """The PDU whose 6-byte header was read: fewer bytes if the peer closed first."""
+    pdu = bytearray(6 + min(length, _PREALLOCATE_BYTES))
+    pdu[:6] = header
+    received = 6
+    while True:
+        with memoryview(pdu) as view:
+            while received < len(pdu):
+                count = sock.recv_into(view[received:])
+                if not count:
+                    break
+                received += count
+        if received < len(pdu):  # the peer closed
+            del pdu[received:]
+            return pdu
+        if received == 6 + length:
+            return pdu
+        pdu.extend(bytes(min(6 + length - received, _PREALLOCATE_BYTES)))
+
+
 def _valid_uid(value: str) -> bool:
     valid, _reason = _config.VALIDATORS["UI"](UID(value))
     return bool(valid)
@@ -205,23 +231,13 @@ class ExpressReceiver:
             log.warning("unknown PDU type received", pdu_type=pdu_type)
             dul.event_queue.put("Evt19")
             return None
-        pdu = bytearray(6 + length)
-        pdu[:6] = header
-        view = memoryview(pdu)
-        received = 6
-        sock = transport.socket
         try:
-            with view:
-                while received < len(pdu):
-                    count = sock.recv_into(view[received:])
-                    if not count:
-                        break
-                    received += count
+            pdu = _receive_pdu(transport.socket, header, length)
         except (OSError, TimeoutError, AttributeError):  # AttributeError: socket closed
             dul.event_queue.put("Evt17")
             return None
-        if received != len(pdu):
-            log.warning("connection closed inside a PDU", received=received, expected=len(pdu))
+        if len(pdu) != 6 + length:
+            log.warning("connection closed inside a PDU", received=len(pdu), expected=6 + length)
             dul.event_queue.put("Evt17")
             return None
         return pdu

@@ -233,12 +233,19 @@ def _started_store(assoc: Any, path: Path) -> int:
     return int(context.context_id)
 
 
+def _associated(
+    start_scp: Any, services: NodeServices, tmp_path: Path
+) -> tuple[list[Path], Scp, Any]:
+    """The corpus, a started SCP and an association to it."""
+    files = _corpus(tmp_path / "corpus")
+    scp = start_scp(services)
+    return files, scp, _sender().associate("127.0.0.1", scp.port, ae_title="FIONA")
+
+
 def test_a_transfer_cut_off_leaves_no_temporary_file(  # type: ignore[no-untyped-def]
     start_scp, services: NodeServices, tmp_path: Path
 ) -> None:
-    files = _corpus(tmp_path / "corpus")
-    scp = start_scp(services)
-    assoc = _sender().associate("127.0.0.1", scp.port, ae_title="FIONA")
+    files, scp, assoc = _associated(start_scp, services, tmp_path)
     assert assoc.send_c_store(files[1]).Status == 0x0000
     assert len(scp.temporary_files()) == 1 and scp.temporary_bytes() == 0  # made ahead
     _started_store(assoc, files[2])
@@ -255,9 +262,7 @@ def test_a_transfer_cut_off_leaves_no_temporary_file(  # type: ignore[no-untyped
 def test_a_command_inside_a_data_set_ends_the_association(  # type: ignore[no-untyped-def]
     start_scp, services: NodeServices, tmp_path: Path
 ) -> None:
-    files = _corpus(tmp_path / "corpus")
-    scp = start_scp(services)
-    assoc = _sender().associate("127.0.0.1", scp.port, ae_title="FIONA")
+    files, scp, assoc = _associated(start_scp, services, tmp_path)
     context_id = _started_store(assoc, files[1])
     assoc.dul.socket.send(_pdv_pdu(context_id, 0x03, b"\x00" * 16))  # a command, mid-data
     poll(lambda: assoc.is_aborted, 10, "the SCP aborts the association")
@@ -270,8 +275,6 @@ def test_a_command_inside_a_data_set_ends_the_association(  # type: ignore[no-un
 def test_a_file_that_cannot_be_written_is_answered_out_of_resources(  # type: ignore[no-untyped-def]
     start_scp, services: NodeServices, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    files = _corpus(tmp_path / "corpus")
-    scp = start_scp(services)
     full = {"disk": True}
     write = ReceivedFile.write
 
@@ -281,7 +284,7 @@ def test_a_file_that_cannot_be_written_is_answered_out_of_resources(  # type: ig
         return write(self, data)
 
     monkeypatch.setattr(ReceivedFile, "write", write_or_fail)
-    assoc = _sender().associate("127.0.0.1", scp.port, ae_title="FIONA")
+    files, scp, assoc = _associated(start_scp, services, tmp_path)
     try:
         refused = assoc.send_c_store(files[1])
         assert refused.Status == 0xA700
@@ -296,3 +299,28 @@ def test_a_file_that_cannot_be_written_is_answered_out_of_resources(  # type: ig
     with services.session_factory() as session:
         types = list(session.scalars(select(AuditEvent.event_type)))
     assert AuditEventType.STORE_REFUSED in types
+
+
+def test_a_command_and_its_data_set_in_one_pdu(  # type: ignore[no-untyped-def]
+    start_scp, services: NodeServices, tmp_path: Path
+) -> None:
+    """Two PDVs in one P-DATA-TF (the command and the whole data set) are one express store."""
+    files, scp, assoc = _associated(start_scp, services, tmp_path)
+    path = files[0]
+    ds = dcmread(path)
+    context = next(cx for cx in assoc.accepted_contexts if cx.abstract_syntax == ds.SOPClassUID)
+    raw = path.read_bytes()
+    data = raw[132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength) :]
+    command = encode_c_store_rq(9, 2, ds.SOPClassUID, ds.SOPInstanceUID)
+    items = b"".join(
+        struct.pack(">LBB", len(value) + 2, context.context_id, control) + value
+        for control, value in ((0x03, command), (0x02, data))
+    )
+    try:
+        assoc.dul.socket.send(struct.pack(">BBL", 4, 0, len(items)) + items)
+        poll(lambda: scp.served == 1, 10, "the store answered by the express path")
+    finally:
+        assoc.release()
+    assert [dataset_bytes(scp.services.spool.incoming / p) for p in scp.stored()] == [
+        dataset_bytes(path)
+    ]

@@ -494,3 +494,31 @@ def test_received_files_are_plain_files_that_never_clobber(tmp_path: Any) -> Non
     assert isinstance(made, filemeta.ReceivedFile)
     assert os.path.dirname(made.name) == str(tmp_path / "spool-tmp")
     assert not isinstance(other, filemeta.ReceivedFile)
+
+
+def test_a_pdu_longer_than_the_preallocation_grows_as_its_bytes_arrive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The express path reads a PDU into a buffer of its declared length only up to a cap:
+    beyond it, the buffer grows with the bytes received, so a length field alone (up to
+    4 GiB) allocates nothing; a peer that closes early yields the bytes that came."""
+    import os
+
+    from fiona.scp import express
+
+    monkeypatch.setattr(express, "_PREALLOCATE_BYTES", 1000)
+    payload = os.urandom(5000)
+    header = b"\x04\x00" + len(payload).to_bytes(4, "big")
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        sender = threading.Thread(target=lambda: (theirs.sendall(payload), theirs.close()))
+        sender.start()
+        pdu = express._receive_pdu(ours, header, len(payload))
+        sender.join()
+    assert bytes(pdu) == header + payload
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(payload[:1500])
+        theirs.close()
+        cut = express._receive_pdu(ours, b"\x04\x00\xff\xff\xff\xff", 0xFFFFFFFF)
+    assert bytes(cut) == b"\x04\x00\xff\xff\xff\xff" + payload[:1500]
