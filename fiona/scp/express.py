@@ -16,7 +16,8 @@ work of those layers itself, in the DUL thread:
 - the command (one PDV, implicit VR little endian) is decoded by :func:`decode_c_store`
   and checked as pynetdicom checks it (an accepted presentation context, valid UIDs);
 - the temporary file gets the same preamble and File Meta Information as pynetdicom writes
-  (:func:`~fiona.scp.filemeta.encode_file_meta`), then every data fragment as it arrives;
+  (:func:`~fiona.scp.filemeta.encode_file_meta`), then every data fragment as it arrives,
+  hashed (SHA-256) on the way so that the store need not read the file back;
 - the complete instance goes to the same store function as FIONA's ``EVT_C_STORE``
   handler, and its status goes back as the C-STORE-RSP pynetdicom would send (same bytes,
   :func:`encode_c_store_rsp`).
@@ -28,10 +29,11 @@ association with a handler for an event the express path does not raise (receive
 PDUs and raw data, DIMSE messages, state machine transitions) or a different C-STORE handler.
 
 Failures keep pynetdicom's outcomes: unreadable PDUs end the association (Evt19), a closed
-connection is Evt17. Where pynetdicom would lose the instance silently this answers instead:
-a temporary file that cannot be written (a full disk) is answered 0xA700 with the reason, and
-the rest of that instance is read and dropped. A message cut off by an abort or a closed
-connection leaves no temporary file behind (:meth:`ExpressReceiver.close`).
+connection is Evt17. Where pynetdicom's path would end the association without an answer,
+this answers instead: a temporary file that cannot be written (a full disk) is answered
+0xA700 with the reason, and the rest of that instance is read and dropped. A message cut off
+by an abort or a closed connection leaves no temporary file behind
+(:meth:`ExpressReceiver.close`).
 """
 
 from __future__ import annotations
@@ -183,7 +185,7 @@ class ExpressReceiver:
         self._handler = handler
         self._message: _Message | None = None
         self._spare: ReceivedFile | None = None
-        """The next message's temporary file, created while the sender prepares it."""
+        """The next message's temporary file, created while the last store waited."""
         self._lock = threading.Lock()  # the files: the DUL thread vs close()
         self._closed = False  # close() was called: the connection is closed
         self.served = 0
