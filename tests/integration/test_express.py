@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fionatest import dataset_bytes, make_ct, sample_file, write_config
+from fionatest import dataset_bytes, make_ct, sample_file, write_config, write_study
 from peers import poll
 from pydicom import config as pydicom_config
 from pydicom import dcmread
@@ -324,3 +324,25 @@ def test_a_command_and_its_data_set_in_one_pdu(  # type: ignore[no-untyped-def]
     assert [dataset_bytes(scp.services.spool.incoming / p) for p in scp.stored()] == [
         dataset_bytes(path)
     ]
+
+
+def test_the_put_off_folder_fsync_runs_when_the_association_ends(  # type: ignore[no-untyped-def]
+    start_scp, services: NodeServices, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New instances in a known series answer before their folder is fsynced; the folder is
+    fsynced once the association ends (the rename is durable then, not only at restart)."""
+    import fiona.scp.spool as spool_module
+
+    synced: list[Path] = []
+    fsync_dir = spool_module.fsync_dir
+    monkeypatch.setattr(
+        spool_module, "fsync_dir", lambda path: (synced.append(Path(path)), fsync_dir(path))
+    )
+    files = write_study(tmp_path / "study", 1, 4, size=16)
+    scp = start_scp(services)
+    answers, _ = _send(scp.port, files)
+    assert answers == [(0, None)] * 4
+    series = {p.parent for p in services.spool.incoming.rglob("*.dcm")}
+    assert len(series) == 1
+    poll(lambda: synced.count(next(iter(series))) >= 2, 10, "the series folder fsynced again")
+    # once when it was made (its first instance), once when the association ended
