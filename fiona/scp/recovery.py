@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,7 +27,7 @@ from fiona.db.models import AuditEventType, Instance
 from fiona.logs import get_logger
 from fiona.scp.header import HeaderError, read_header
 from fiona.scp.index import IndexWriter, InstanceRecord
-from fiona.scp.spool import Spool, file_digest, fsync_dir
+from fiona.scp.spool import Spool, file_digest
 
 __all__ = ["ReconcileResult", "reconcile"]
 
@@ -152,14 +153,7 @@ def _restore_renames(spool: Spool, absent: dict[str, str]) -> list[str]:
         target = absent.pop(digest, None)
         if target is None:
             continue
-        final = spool.root / target
-        created = not final.parent.exists()
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(candidate, final)
-        fsync_dir(final.parent)
-        if created:
-            fsync_dir(final.parent.parent)
-            fsync_dir(final.parent.parent.parent)
+        spool.commit_file(Path(candidate), spool.root / target)  # folders synced at once
         restored.append(target)
         log.warning("file restored from tmp/ after a crash", path=target)
     return restored
