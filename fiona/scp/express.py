@@ -61,7 +61,7 @@ from fiona.logs import get_logger
 from fiona.scp.cstore import decode_c_store, encode_c_store_rsp
 from fiona.scp.filemeta import ReceivedFile, encode_file_meta
 
-__all__ = ["ExpressReceiver", "StoreSink"]
+__all__ = ["ExpressReceiver", "StoreSink", "pdv_items", "receive"]
 
 log = get_logger(__name__)
 
@@ -118,45 +118,51 @@ class _Message:
     failure: str | None = None
 
 
-def _pdv_items(pdu: bytearray) -> list[tuple[int, int, int, int]] | None:
-    """(context ID, control header, value start, value end) of each PDV; None if malformed."""
+def pdv_items(pdu: bytes | bytearray) -> list[tuple[int, int, int, int]]:
+    """(presentation context ID, message control header, value start, value end) of each
+    PDV item of a P-DATA-TF PDU (PS3.8 9.3.5); the value starts after the control header.
+
+    Raises ValueError for an item cut short or with an impossible length.
+    """
     items = []
     position, end = 6, len(pdu)
     while position < end:
         if position + 6 > end:
-            return None
+            raise ValueError("truncated presentation data value item")
         length, context_id, control = _PDV_HEADER.unpack_from(pdu, position)
         if length < 2 or position + 4 + length > end:
-            return None
+            raise ValueError("invalid presentation data value item length")
         items.append((context_id, control, position + 6, position + 4 + length))
         position += 4 + length
-    return items or None
+    return items
 
 
 _PREALLOCATE_BYTES = 8 << 20
-"""PDUs up to this length are read into a buffer of their size at once; longer ones (more
-than any negotiated maximum FIONA proposes) grow as their bytes arrive, so that a length
-field alone cannot make FIONA allocate gigabytes."""
+"""Reads up to this length go into a buffer of their size at once; longer ones (a PDU longer
+than any maximum FIONA negotiates) grow as their bytes arrive, so that a length field alone
+cannot make FIONA allocate gigabytes."""
 
 
-def _receive_pdu(sock: Any, header: bytes, length: int) -> bytearray:
-    """The PDU whose 6-byte header was read: fewer bytes if the peer closed first."""
-    pdu = bytearray(6 + min(length, _PREALLOCATE_BYTES))
-    pdu[:6] = header
-    received = 6
+def receive(sock: Any, count: int, start: bytes = b"") -> bytearray:
+    """`start` and then the next `count` bytes from `sock`, read with ``recv_into`` into one
+    buffer: fewer bytes if the peer closed first. Socket errors and timeouts propagate."""
+    data = bytearray(len(start) + min(count, _PREALLOCATE_BYTES))
+    data[: len(start)] = start
+    received = len(start)
+    wanted = len(start) + count
     while True:
-        with memoryview(pdu) as view:
-            while received < len(pdu):
-                count = sock.recv_into(view[received:])
-                if not count:
+        with memoryview(data) as view:
+            while received < len(data):
+                got = sock.recv_into(view[received:])
+                if not got:
                     break
-                received += count
-        if received < len(pdu):  # the peer closed
-            del pdu[received:]
-            return pdu
-        if received == 6 + length:
-            return pdu
-        pdu.extend(bytes(min(6 + length - received, _PREALLOCATE_BYTES)))
+                received += got
+        if received < len(data):  # the peer closed
+            del data[received:]
+            return data
+        if received == wanted:
+            return data
+        data.extend(bytes(min(wanted - received, _PREALLOCATE_BYTES)))
 
 
 def _valid_uid(value: str) -> bool:
@@ -219,22 +225,18 @@ class ExpressReceiver:
     def _read_pdu(self) -> bytearray | None:
         """The next PDU, as pynetdicom reads it; None once the event for a failure is queued."""
         dul = self.dul
-        transport = dul.socket
         try:
-            header = transport.recv(6)
-        except (OSError, TimeoutError):
-            dul.event_queue.put("Evt17")  # connection closed before the PDU was received
-            return None
-        if len(header) < 6:
-            dul.event_queue.put("Evt17")
-            return None
-        pdu_type, _, length = _PDU_HEADER.unpack(header)
-        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
-            log.warning("unknown PDU type received", pdu_type=pdu_type)
-            dul.event_queue.put("Evt19")
-            return None
-        try:
-            pdu = _receive_pdu(transport.socket, header, length)
+            sock = dul.socket.socket
+            header = receive(sock, 6)
+            if len(header) < 6:
+                dul.event_queue.put("Evt17")  # connection closed before the PDU was received
+                return None
+            pdu_type, _, length = _PDU_HEADER.unpack(header)
+            if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+                log.warning("unknown PDU type received", pdu_type=pdu_type)
+                dul.event_queue.put("Evt19")
+                return None
+            pdu = receive(sock, length, bytes(header))
         except (OSError, TimeoutError, AttributeError):  # AttributeError: socket closed
             dul.event_queue.put("Evt17")
             return None
@@ -274,7 +276,10 @@ class ExpressReceiver:
 
     def _take(self, pdu: bytearray) -> bool:
         """Store a P-DATA-TF PDU's fragments if it belongs on the express path."""
-        items = _pdv_items(pdu)
+        try:
+            items: list[tuple[int, int, int, int]] | None = pdv_items(pdu) or None
+        except ValueError:
+            items = None  # pynetdicom's decoder refuses it too (Evt19)
         message = self._message
         if message is None:
             if items is None or not self._may_start():

@@ -8,7 +8,6 @@ its status. Heavy work (routing, de-identification) happens later, off this thre
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 import types
 import uuid
@@ -29,7 +28,7 @@ from fiona.config import FionaConfig
 from fiona.db.models import Association, AuditEventType
 from fiona.errors import OutOfSpaceError
 from fiona.logs import get_logger
-from fiona.scp.express import ExpressReceiver
+from fiona.scp.express import ExpressReceiver, pdv_items
 from fiona.scp.filemeta import install as install_file_meta
 from fiona.scp.ingest import Ingestor, ReceiveFacts, Status
 from fiona.scp.wakeups import install as install_wakeups
@@ -40,29 +39,6 @@ __all__ = ["AssociationContext", "Rejection", "ScpHandlers"]
 log = get_logger(__name__)
 
 
-def _recv_exactly(self: Any, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv`` reading straight into one buffer.
-
-    pynetdicom 3.0.4 reads a PDU in 4,096-byte ``socket.recv`` calls, each a new bytes
-    object appended to a growing bytearray: ~128 calls per 0.5 MB instance. This reads
-    into a buffer of the PDU's size with ``recv_into`` (as many bytes as the kernel has).
-    Same contract: blocks until `nr_bytes` are read or the peer closes (then returns what
-    was read); socket errors and timeouts propagate.
-    """
-    buffer = bytearray(nr_bytes)
-    view = memoryview(buffer)
-    received = 0
-    with view:
-        while received < nr_bytes:
-            count = self.socket.recv_into(view[received:], nr_bytes - received)
-            if not count:
-                break
-            received += count
-    if received < nr_bytes:
-        del buffer[received:]
-    return buffer
-
-
 def _status(status: int, comment: str) -> Dataset:
     """A status with its Error Comment (PS3.7 C.4: LO, at most 64 characters)."""
     response = Dataset()
@@ -71,7 +47,6 @@ def _status(status: int, comment: str) -> Dataset:
     return response
 
 
-_PDV_ITEM_HEADER = struct.Struct(">LB")
 _P_DATA_TF = 0x04
 
 
@@ -83,7 +58,7 @@ def _decode_pdu_in_place(self: Any, bytestream: bytearray) -> tuple[Any, str]:
     (~1.5 MB of copies and allocations per 0.5 MB instance). Here each PDV's value is a
     ``memoryview`` into the received buffer, so that ``decode_msg`` writes the fragment
     from where the socket put it. Same PDU object, same event (Evt10); a malformed item
-    raises, which pynetdicom's reader turns into Evt19 as before. Other PDUs, and any
+    raises, which the PDU reader turns into Evt19 as pynetdicom's does. Other PDUs, and any
     association with a handler for the raw data or the PDU, take pynetdicom's path.
     """
     if (
@@ -94,18 +69,12 @@ def _decode_pdu_in_place(self: Any, bytestream: bytearray) -> tuple[Any, str]:
         return cast(tuple[Any, str], DULServiceProvider._decode_pdu(self, bytestream))
     view = memoryview(bytestream)
     items = []
-    position, end = 6, len(bytestream)
-    while position < end:
-        if position + 5 > end:
-            raise ValueError("truncated presentation data value item")
-        length, context_id = _PDV_ITEM_HEADER.unpack_from(bytestream, position)
-        if length < 2 or position + 4 + length > end:
-            raise ValueError("invalid presentation data value item length")
+    for context_id, _control, start, end in pdv_items(bytestream):  # ValueError if malformed
         item = PresentationDataValueItem()
         item.presentation_context_id = context_id
-        item.presentation_data_value = view[position + 5 : position + 4 + length]  # type: ignore[assignment]
+        # pynetdicom's value starts with the message control header
+        item.presentation_data_value = view[start - 1 : end]  # type: ignore[assignment]
         items.append(item)
-        position += 4 + length
     pdu = P_DATA_TF()
     pdu.presentation_data_value_items = items
     return pdu, "Evt10"
@@ -182,9 +151,9 @@ class ScpHandlers:
         """Tune the new connection for latency.
 
         TCP_NODELAY: with Nagle on, each C-STORE response waits ~40 ms for a delayed ACK.
-        PDUs are read into one buffer (:func:`_recv_exactly`); plain C-STOREs are read,
-        stored and answered by the DUL thread (:class:`~fiona.scp.express.ExpressReceiver`);
-        P-DATA values for pynetdicom stay in their buffer (:func:`_decode_pdu_in_place`).
+        The DUL thread reads every PDU into one buffer and reads, stores and answers plain
+        C-STOREs itself (:class:`~fiona.scp.express.ExpressReceiver`); P-DATA values it
+        hands to pynetdicom stay in their buffer (:func:`_decode_pdu_in_place`).
         pynetdicom's polling loops
         wake when there is work instead of sleeping a fixed time (:mod:`fiona.scp.wakeups`;
         pynetdicom 3.0.4 internals, pinned).
@@ -195,9 +164,6 @@ class ScpHandlers:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        transport = event.assoc.dul.socket
-        if transport is not None:
-            transport.recv = types.MethodType(_recv_exactly, transport)
         dul = event.assoc.dul
         dul._decode_pdu = types.MethodType(_decode_pdu_in_place, dul)
         receiver = ExpressReceiver(dul, self, self.handle_store)

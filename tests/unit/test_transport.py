@@ -1,4 +1,4 @@
-"""FIONA's changes to pynetdicom's transport: one-buffer PDU reads, reactor wake-ups."""
+"""FIONA's changes to pynetdicom's transport: one-buffer reads, reactor wake-ups, codecs."""
 
 from __future__ import annotations
 
@@ -11,11 +11,7 @@ from typing import Any
 
 import pytest
 
-from fiona.scp.handlers import _recv_exactly
-
-
-def _reader(sock: socket.socket) -> SimpleNamespace:
-    return SimpleNamespace(socket=sock)
+from fiona.scp.express import receive
 
 
 def test_reads_exactly_the_requested_bytes_across_many_sends() -> None:
@@ -31,10 +27,10 @@ def test_reads_exactly_the_requested_bytes_across_many_sends() -> None:
     sender = threading.Thread(target=send)
     sender.start()
     try:
-        got = _recv_exactly(_reader(left), len(payload))
+        got = receive(left, len(payload))
         assert bytes(got) == payload
         # Nothing beyond the request was consumed: the next PDU is still there.
-        assert bytes(_recv_exactly(_reader(left), len(extra))) == extra
+        assert bytes(receive(left, len(extra))) == extra
     finally:
         sender.join()
         left.close()
@@ -46,8 +42,8 @@ def test_a_closed_peer_returns_what_arrived() -> None:
     right.sendall(b"partial")
     right.close()
     try:
-        got = _recv_exactly(_reader(left), 100)
-        assert bytes(got) == b"partial"  # pynetdicom then reports the short PDU (Evt17)
+        got = receive(left, 100)
+        assert bytes(got) == b"partial"  # the reader then reports the short PDU (Evt17)
     finally:
         left.close()
 
@@ -513,12 +509,12 @@ def test_a_pdu_longer_than_the_preallocation_grows_as_its_bytes_arrive(
     with ours, theirs:
         sender = threading.Thread(target=lambda: (theirs.sendall(payload), theirs.close()))
         sender.start()
-        pdu = express._receive_pdu(ours, header, len(payload))
+        pdu = express.receive(ours, len(payload), header)
         sender.join()
     assert bytes(pdu) == header + payload
     ours, theirs = socket.socketpair()
     with ours, theirs:
         theirs.sendall(payload[:1500])
         theirs.close()
-        cut = express._receive_pdu(ours, b"\x04\x00\xff\xff\xff\xff", 0xFFFFFFFF)
+        cut = express.receive(ours, 0xFFFFFFFF, b"\x04\x00\xff\xff\xff\xff")
     assert bytes(cut) == b"\x04\x00\xff\xff\xff\xff" + payload[:1500]
