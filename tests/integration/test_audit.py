@@ -50,8 +50,10 @@ def audit_dump(node: Node) -> str:
 
 
 def test_full_run_is_audited_reported_and_forgotten_without_leaking_identifiers(
-    tmp_path: Path, node_factory: Callable[..., Node], db_url: str
+    tmp_path: Path, db_url: str, node_factory: Callable[..., Node]
 ) -> None:
+    # db_url before node_factory: the node stops before its PostgreSQL schema is dropped (in
+    # the other order the drop raced the node's last writes: a deadlock at teardown).
     with Orthanc(tmp_path / "pacs") as pacs:
         node = node_factory(
             {"research-pacs": dicom_destination(pacs)},
