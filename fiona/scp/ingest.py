@@ -26,7 +26,7 @@ from fiona.logs import get_logger
 from fiona.metrics import INSTANCES_RECEIVED
 from fiona.scp.header import HeaderError, InstanceHeader, checked_header
 from fiona.scp.index import IndexWriter, InstanceRecord, StoreOutcome
-from fiona.scp.spool import Spool, file_digest, fsync_file
+from fiona.scp.spool import Spool, file_digest, fsync_file, release_pages
 
 __all__ = ["IngestResult", "Ingestor", "ReceiveFacts", "Status"]
 
@@ -166,7 +166,10 @@ class Ingestor:
         except BaseException:
             _wait_quietly(synced)
             raise
-        return self._place(tmp_path, facts, header, digest, size, synced, meanwhile)
+        # A file whose digest came with it is not read again: once synced, its pages leave
+        # the page cache (fiona.scp.spool). One read back for its digest is left as it is.
+        release = fd if known_digest is not None else None
+        return self._place(tmp_path, facts, header, digest, size, synced, meanwhile, release)
 
     def _place(
         self,
@@ -177,8 +180,13 @@ class Ingestor:
         size: int,
         synced: Future[None],
         meanwhile: Callable[[], None] | None,
+        release: int | None = None,
     ) -> IngestResult:
-        """Index the file and, once its fsync is done, rename it into place (both must work)."""
+        """Index the file and, once its fsync is done, rename it into place (both must work).
+
+        `release`: the file's descriptor, if its pages are to leave the page cache once it
+        is synced (after the header check, which read them).
+        """
         final = self.spool.instance_path(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
@@ -208,6 +216,8 @@ class Ingestor:
                 synced.result()
             except OSError as exc:
                 raise self.spool.storage_error(exc) from exc
+            if release is not None:
+                release_pages(release)
             # The folder's fsync may wait: once the row (with the digest) is committed, a rename
             # lost to a power failure is redone from tmp/ at restart (see fiona.scp.spool).
             self.spool.commit_file(tmp_path, final, synced=True, defer_folder_sync=True)

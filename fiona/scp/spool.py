@@ -16,10 +16,19 @@ ends, the filesystem commits its journal within seconds anyway, and should the p
 before that, the file is still durable under its temporary name in ``tmp/`` and restart
 recovery moves it into place by its index row's digest (:mod:`fiona.scp.recovery`). A
 replacement (the path exists) and a new folder are synced at once, as before.
+
+Page cache: once a received file is on disk, its pages are released from the page cache
+(:func:`release_pages`). The node writes every study once and reads it again at most once,
+later, to forward it; keeping gigabytes of received data cached would push out what the
+machine does use, and growing the cache costs more than reusing its pages: on a virtual
+machine whose freed memory goes back to the host (a balloon, free page reporting), every new
+page-cache page is a fault on the host — ~2 ms per MB measured here, the largest single
+cost of a C-STORE (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -35,7 +44,15 @@ from typing import Any
 
 from fiona.errors import OutOfSpaceError, StorageError
 
-__all__ = ["Spool", "file_digest", "fsync_dir", "fsync_file", "is_valid_uid", "write_json_atomic"]
+__all__ = [
+    "Spool",
+    "file_digest",
+    "fsync_dir",
+    "fsync_file",
+    "is_valid_uid",
+    "release_pages",
+    "write_json_atomic",
+]
 
 # PS3.5 9.1: digits and dots, at most 64 characters. Leading zeros occur in the wild and
 # are accepted; anything else could escape the spool folder as a path.
@@ -67,6 +84,12 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def release_pages(fd: int) -> None:
+    """Drop a synced file's (clean) pages from the page cache (see the module); advice only."""
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def fsync_dir(path: Path) -> None:

@@ -9,6 +9,7 @@ the sender reads back and what lands in the spool must be the same, byte for byt
 from __future__ import annotations
 
 import errno
+import os
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -346,3 +347,37 @@ def test_the_put_off_folder_fsync_runs_when_the_association_ends(  # type: ignor
     assert len(series) == 1
     poll(lambda: synced.count(next(iter(series))) >= 2, 10, "the series folder fsynced again")
     # once when it was made (its first instance), once when the association ended
+
+
+def _cached(path: Path) -> bool:
+    """Whether the file's first page is in the page cache (a read that must not wait)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_stored_files_leave_the_page_cache(  # type: ignore[no-untyped-def]
+    start_scp, services: NodeServices, tmp_path: Path
+) -> None:
+    """A store answered on the express path has dropped its pages from the page cache (the
+    node writes every study once; growing the cache costs more than reusing its pages)."""
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"\0" * 65536)
+    with probe.open("rb+") as handle:
+        os.fsync(handle.fileno())
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if _cached(probe):  # tmpfs and the like keep every page: nothing to release there
+        pytest.skip(f"{tmp_path} does not release pages from the page cache")
+    files = write_study(tmp_path / "study", 1, 3, size=256)
+    assert all(_cached(path) for path in files)  # just written: cached
+    scp = start_scp(services)
+    answers, _ = _send(scp.port, files)
+    assert answers == [(0, None)] * 3 and scp.served == 3
+    stored = list(services.spool.incoming.rglob("*.dcm"))
+    assert len(stored) == 3
+    assert not any(_cached(path) for path in stored)
