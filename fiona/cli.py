@@ -86,7 +86,16 @@ def _share_metrics(storage: Path) -> None:
 )
 @click.option("--worker", is_flag=True, hidden=True, help="Internal: a receiving process.")
 @click.option("--forwarder", is_flag=True, hidden=True, help="Internal: the forwarding process.")
-def serve(config_path: Path | None, grace: float, worker: bool, forwarder: bool) -> None:
+@click.option("--listen-fd", type=int, hidden=True, help="Internal: a worker's DICOM socket.")
+@click.option("--tls-listen-fd", type=int, hidden=True, help="Internal: its DICOM TLS socket.")
+def serve(
+    config_path: Path | None,
+    grace: float,
+    worker: bool,
+    forwarder: bool,
+    listen_fd: int | None,
+    tls_listen_fd: int | None,
+) -> None:
     """Run the node in the foreground until SIGTERM or SIGINT.
 
     With ``node.workers`` > 1 this process also starts and supervises the other
@@ -115,7 +124,12 @@ def serve(config_path: Path | None, grace: float, worker: bool, forwarder: bool)
 
         sys.exit(run_forwarder(config, stop, grace))
     separate = bool(config.destinations) and config.forwarding.separate_process and not worker
-    node = Node(config, worker=worker, run_forwarder=not separate)
+    node = Node(
+        config,
+        worker=worker,
+        run_forwarder=not separate,
+        listen_fds=(listen_fd, tls_listen_fd),
+    )
     if not worker:
         node.rules = _routing_rules(config)
     try:
@@ -126,7 +140,8 @@ def serve(config_path: Path | None, grace: float, worker: bool, forwarder: bool)
         sys.exit(1)
     pools: list[ChildPool] = []
     if not worker and config.node.workers > 1:
-        pools.append(ChildPool(config.source, config.node.workers - 1, grace))
+        workers = config.node.workers - 1
+        pools.append(ChildPool(config.source, workers, grace, listen_fds=node.listening_fds()))
     if separate:
         forwarding = forwarder_pool(config.source, grace)
         node.on_stable = forwarding.notify

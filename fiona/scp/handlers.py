@@ -7,6 +7,7 @@ its status. Heavy work (routing, de-identification) happens later, off this thre
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import types
@@ -321,6 +322,7 @@ class ScpHandlers:
             outcome=outcome,
             instances_stored=context.stored,
             instances_failed=context.failed,
+            pid=os.getpid(),  # which receiving process served it (node.workers)
         )
 
     def handle_echo(self, _event: Any) -> int:

@@ -103,17 +103,60 @@ def event_handlers(handlers: ScpHandlers) -> list[Any]:
     ]
 
 
-class ReusePortServer(ThreadedAssociationServer):
-    """An association server whose port other FIONA worker processes share.
+ACCEPT_DELAY_SECONDS = 0.02
+"""How long a receiving process with one association in flight lets a new connection wait
+for a process with fewer (per association in flight, up to five)."""
 
-    With ``SO_REUSEPORT`` the kernel spreads incoming connections over every process
-    listening on the port, so each worker (with its own GIL) takes whole associations.
+
+class SharedListenerServer(ThreadedAssociationServer):
+    """An association server whose listening socket the node's receiving processes share.
+
+    The primary binds the port; the workers inherit its socket (``listen_fd``). All wait on
+    one accept queue, and a process with associations in flight leaves a new connection to
+    a less busy one: it accepts only after ``ACCEPT_DELAY_SECONDS`` per association (or
+    accepted connection not yet an association) it is serving, by which time an idle
+    process has taken it. So concurrent associations spread over the processes (each with
+    its own interpreter lock) instead of falling to whichever the kernel's port hashing
+    picks (``SO_REUSEPORT`` put two associations on one process half the time), and no
+    other program can join the port, as it could with ``SO_REUSEPORT`` under the same user.
     """
 
+    def __init__(self, *args: Any, listen_fd: int | None = None, **kwargs: Any) -> None:
+        self._listen_fd = listen_fd
+        self._last_accept = -1.0
+        super().__init__(*args, **kwargs)
+
     def server_bind(self) -> None:
+        if self._listen_fd is None:
+            super().server_bind()
+        else:
+            assert self.socket is not None  # the unbound one socketserver made: not used
+            self.socket.close()
+            self.socket = socket.socket(fileno=self._listen_fd)
+            self.server_address = self.socket.getsockname()
+        # Another process may take a connection first: accept() must not wait then.
         assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        self.socket.setblocking(False)
+
+    def server_activate(self) -> None:
+        if self._listen_fd is None:
+            super().server_activate()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        # Serving associations, or a connection accepted just now that is not one yet.
+        busy = len(self.ae.active_associations) + (time.monotonic() - self._last_accept < 0.05)
+        if busy:
+            time.sleep(min(busy, 5) * ACCEPT_DELAY_SECONDS)
+        client, address = super().get_request()  # BlockingIOError: another process took it
+        client.setblocking(True)
+        self._last_accept = time.monotonic()
+        return client, address
+
+    def server_close(self) -> None:
+        # This process's descriptor only (pynetdicom would shut the socket down, for every
+        # process): the port closes when the last process stops listening.
+        assert self.socket is not None
+        self.socket.close()
 
 
 @dataclass
@@ -184,6 +227,8 @@ class Node:
     """Called when studies became stable (``fiona serve``: wakes the forwarding process)."""
     rules: RuleSet | None = None
     """The routing rules (loaded from ``routing.rules_file`` at start when not given)."""
+    listen_fds: tuple[int | None, int | None] = (None, None)
+    """A worker's inherited listening sockets (DICOM, DICOM TLS): see :meth:`listening_fds`."""
     services: NodeServices | None = None
     _server: Any = None
     _scheduler: BackgroundScheduler | None = None
@@ -211,15 +256,22 @@ class Node:
         ae.network_timeout = config.node.network_timeout
         ae.require_called_aet = False  # FIONA decides in EVT_REQUESTED (several titles)
         handler_list = event_handlers(handlers)
-        server_class = ReusePortServer if config.node.workers > 1 else ThreadedAssociationServer
+        shared = config.node.workers > 1
+        server_class = SharedListenerServer if shared else ThreadedAssociationServer
+        plain_fd, tls_fd = self.listen_fds
+
+        def inherited(fd: int | None) -> dict[str, Any]:
+            return {"listen_fd": fd} if shared else {}
+
         if config.node.tls is not None:
             from fiona.tls import server_context
 
             self._tls_server = ae.make_server(
                 (config.node.host, config.node.tls.port),
-                server_class=server_class,
                 evt_handlers=handler_list,
                 ssl_context=server_context(config.node.tls),
+                server_class=server_class,
+                **inherited(tls_fd),
             )
             ae._servers.append(self._tls_server)
             threading.Thread(
@@ -227,8 +279,9 @@ class Node:
             ).start()
         self._server = ae.make_server(
             (config.node.host, config.node.port),
-            server_class=server_class,
             evt_handlers=handler_list,
+            server_class=server_class,
+            **inherited(plain_fd),
         )
         ae._servers.append(self._server)  # so that server.shutdown() can deregister it
         threading.Thread(
@@ -403,6 +456,13 @@ class Node:
                     self.on_stable()
         except Exception:
             log.exception("stability sweep failed")
+
+    def listening_fds(self) -> tuple[int | None, int | None]:
+        """The listening sockets (DICOM, DICOM TLS) for the workers to inherit."""
+        return tuple(  # type: ignore[return-value]
+            None if server is None else server.socket.fileno()
+            for server in (self._server, self._tls_server)
+        )
 
     def stop(self, grace_seconds: float = 30.0) -> None:
         """Stop accepting, finish in-flight associations (up to `grace_seconds`), close."""

@@ -1,7 +1,9 @@
 """Child processes of ``fiona serve``, supervised by the primary.
 
 * **Receiving workers** (``node.workers`` > 1): ``fiona serve --worker`` on the same
-  configuration. Each listens on the same port (SO_REUSEPORT) and writes to the same spool and
+  configuration. Each accepts from the primary's listening socket, which it inherits
+  (``--listen-fd``; a busy process leaves a new connection to an idle one, see
+  :class:`fiona.scp.server.SharedListenerServer`), and writes to the same spool and
   database, but leaves spool reconciliation and the stability sweep to the primary. A worker
   whose primary died (kill -9) stops by itself, gracefully, rather than linger on the port.
 * **The forwarder** (``forwarding.separate_process``, the default when destinations are
@@ -35,11 +37,19 @@ _RESTART_BACKOFF_SECONDS = 2.0
 class ChildPool:
     """Start, supervise and stop `count` processes of ``fiona serve <flag>``."""
 
-    def __init__(self, config_path: Path, count: int, grace: float, flag: str = "--worker") -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        count: int,
+        grace: float,
+        flag: str = "--worker",
+        listen_fds: tuple[int | None, int | None] = (None, None),
+    ) -> None:
         self.config_path = config_path
         self.count = count
         self.grace = grace
         self.flag = flag
+        self.listen_fds = listen_fds
         self.role = flag.lstrip("-")
         self.processes: list[subprocess.Popen[bytes]] = []
         self._restart_not_before = 0.0
@@ -56,7 +66,13 @@ class ChildPool:
             "--grace",
             str(self.grace),
         ]
-        return subprocess.Popen(command)  # stdout/stderr: the primary's (JSON lines)
+        inherited = []
+        for option, fd in zip(("--listen-fd", "--tls-listen-fd"), self.listen_fds, strict=True):
+            if fd is not None:
+                command += [option, str(fd)]
+                inherited.append(fd)
+        # stdout/stderr: the primary's (JSON lines)
+        return subprocess.Popen(command, pass_fds=inherited)
 
     def start(self) -> None:
         self.processes = [self._spawn() for _ in range(self.count)]

@@ -476,6 +476,29 @@ def test_worker_processes_share_the_port(make_server, tmp_path: Path) -> None:  
         )
 
 
+def test_concurrent_associations_spread_over_the_workers(make_server) -> None:  # type: ignore[no-untyped-def]
+    """A process serving an association leaves the next one to an idle process."""
+    srv = make_server(node={"workers": 2})
+    srv.start()
+    deadline = time.monotonic() + 30
+    while srv.log().count('"event": "listening"') < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    for round_ in range(1, 4):  # three times two associations open at once
+        held = [ae.associate("127.0.0.1", srv.port, ae_title="FIONA") for _ in range(2)]
+        assert all(assoc.is_established for assoc in held)
+        for assoc in held:
+            assoc.release()
+        deadline = time.monotonic() + 10
+        while srv.log().count("association ended") < 2 * round_ and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ended = [json.loads(line) for line in srv.log().splitlines() if "association ended" in line]
+        assert len(ended) == 2 * round_
+        assert ended[-1]["pid"] != ended[-2]["pid"]
+    assert srv.stop() == 0
+
+
 def test_no_patient_identifiers_in_logs_or_audit(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     srv = make_server(stable_after_seconds=1)
     srv.start()

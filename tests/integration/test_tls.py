@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -12,6 +14,8 @@ import yaml
 from fionatest import DCMTK, FionaServer, free_port, write_config, write_study
 from peers import StoreSCP
 from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from fiona.audit import utcnow
 from fiona.config import load_config
@@ -151,3 +155,52 @@ def test_forwarding_to_a_tls_destination(tmp_path: Path, pki: Path) -> None:
             assert {dcmread(p).PatientID for p in received} == {"BICAM001"}
         finally:
             server.stop()
+
+
+def test_every_receiving_process_serves_tls(tmp_path: Path, pki: Path) -> None:
+    """With node.workers: 2, the worker inherits the TLS listener too: while one process
+    holds a TLS association, the other serves the next."""
+    tls_port = free_port()
+    config = write_config(
+        tmp_path / "node",
+        "sqlite:///fiona.db",
+        node={
+            "workers": 2,
+            "tls": {
+                "port": tls_port,
+                "cert_file": str(pki / "server.pem"),
+                "key_file": str(pki / "server.key"),
+                "ca_file": str(pki / "ca.pem"),
+            },
+        },
+    )
+    raw = yaml.safe_load(config.read_text())
+    server = FionaServer(config, raw["node"]["port"], tmp_path / "node" / "spool")
+    server.start()
+    try:
+        deadline = time.monotonic() + 30
+        while server.log().count('"event": "listening"') < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki / "ca.pem"))
+        context.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+        ae = AE(ae_title="HOLDER")
+        ae.add_requested_context(Verification)
+        held = ae.associate(
+            "127.0.0.1", tls_port, ae_title="FIONA", tls_args=(context, "localhost")
+        )
+        assert held.is_established
+        try:
+            files = write_study(tmp_path / "study", 1, 2)
+            assert _storescu_tls(tls_port, files, pki).startswith("rc=0"), server.log()
+        finally:
+            held.release()
+        deadline = time.monotonic() + 10
+        while server.log().count("association ended") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ended = [
+            json.loads(line) for line in server.log().splitlines() if "association ended" in line
+        ]
+        assert len({entry["pid"] for entry in ended}) == 2
+        assert len(list((tmp_path / "node" / "spool" / "incoming").rglob("*.dcm"))) == 2
+    finally:
+        server.stop()
