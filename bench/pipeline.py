@@ -87,6 +87,7 @@ from receive import (  # noqa: E402
     cpu_times,
     dcmtk_env,
     git_state,
+    prepare_scratch,
     wait_echo,
 )
 
@@ -835,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.spy and shutil.which(PY_SPY) is None:
         p.error("--spy needs py-spy (pip install py-spy)")
 
-    args.scratch.mkdir(parents=True, exist_ok=True)
+    prepare_scratch(args.scratch)
     fiona_src: Path | None = args.fiona_src.resolve() if args.fiona_src else None
     fiona_tree = str(fiona_src) if fiona_src else git_state()
     if args.fiona_rev:
