@@ -119,7 +119,8 @@ class NodeConfig(_Frozen):
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 20
     """Per receiving process."""
     workers: Annotated[int, Field(ge=1, le=64)] = 1
-    """Receiving processes sharing the port (SO_REUSEPORT); one per core scales best."""
+    """Receiving processes sharing the listening socket (a busy one leaves new associations
+    to an idle one); one per core scales best."""
     accept_any_called_ae: bool = False
     """Accept every called AE title (FIONA's historical "promiscuous" mode)."""
     allowed_calling_ae_titles: tuple[str, ...] = ()

@@ -12,7 +12,7 @@ filesystem, fsync it, commit the index row (its SHA-256 included), rename the fi
 place — only then is the success status returned. The folder's fsync, which makes the
 rename itself durable, is put off for a new instance in an existing series folder (it cost
 ~0.5 ms per instance on the critical path): the folders are synced when the association
-ends, the filesystem commits its journal within seconds anyway, and should the power fail
+ends, a journaling filesystem commits it within seconds anyway, and should the power fail
 before that, the file is still durable under its temporary name in ``tmp/`` and restart
 recovery moves it into place by its index row's digest (:mod:`fiona.scp.recovery`). A
 replacement (the path exists) and a new folder are synced at once, as before.
