@@ -78,11 +78,22 @@ def _wait_quietly(future: Future[None]) -> None:
 class Ingestor:
     """Takes received files into the spool and the index."""
 
-    def __init__(self, spool: Spool, writer: IndexWriter, node_key: bytes, clock: Clock) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        writer: IndexWriter,
+        node_key: bytes,
+        clock: Clock,
+        *,
+        release_pages: bool = False,
+    ) -> None:
         self.spool = spool
         self.writer = writer
         self.node_key = node_key
         self.clock = clock
+        self.release_pages = release_pages
+        """Drop stored files from the page cache (fiona.scp.spool): for a node that does not
+        forward them soon (no destinations); a forwarder reads them back within seconds."""
         # fsyncs of received files run here while the header is parsed and the file hashed
         # (both need only the page cache): one thread per concurrent association is plenty.
         self._syncer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fiona-fsync")
@@ -166,9 +177,9 @@ class Ingestor:
         except BaseException:
             _wait_quietly(synced)
             raise
-        # A file whose digest came with it is not read again: once synced, its pages leave
-        # the page cache (fiona.scp.spool). One read back for its digest is left as it is.
-        release = fd if known_digest is not None else None
+        # A file whose digest came with it is not read again here: once synced, its pages
+        # may leave the page cache (fiona.scp.spool). One read back for its digest is left.
+        release = fd if self.release_pages and known_digest is not None else None
         return self._place(tmp_path, facts, header, digest, size, synced, meanwhile, release)
 
     def _place(

@@ -188,7 +188,10 @@ def open_node_services(config: FionaConfig, clock: Clock = utcnow) -> NodeServic
     node_key = load_node_key(spool.root)
     writer = IndexWriter(session_factory, node_key)
     writer.start()
-    ingestor = Ingestor(spool, writer, node_key, clock)
+    # Without destinations nothing reads a stored file again soon: its pages leave the page
+    # cache. A forwarder reads each one back within seconds (mode B streams it while the
+    # study arrives): from the cache, measured faster end to end (BENCHMARKS.md).
+    ingestor = Ingestor(spool, writer, node_key, clock, release_pages=not config.destinations)
     return NodeServices(config, engine, session_factory, spool, node_key, writer, ingestor, clock)
 
 

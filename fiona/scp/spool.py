@@ -17,13 +17,13 @@ before that, the file is still durable under its temporary name in ``tmp/`` and 
 recovery moves it into place by its index row's digest (:mod:`fiona.scp.recovery`). A
 replacement (the path exists) and a new folder are synced at once, as before.
 
-Page cache: once a received file is on disk, its pages are released from the page cache
-(:func:`release_pages`). The node writes every study once and reads it again at most once,
-later, to forward it; keeping gigabytes of received data cached would push out what the
-machine does use, and growing the cache costs more than reusing its pages: on a virtual
-machine whose freed memory goes back to the host (a balloon, free page reporting), every new
-page-cache page is a fault on the host — ~2 ms per MB measured here, the largest single
-cost of a C-STORE (BENCHMARKS.md).
+Page cache: on a node that forwards nothing, a received file's pages leave the page cache
+once it is on disk (:func:`release_pages`). Nothing reads it again soon; keeping gigabytes
+of received data cached would push out what the machine does use, and growing the cache
+costs more than reusing its pages: on a virtual machine whose freed memory goes back to the
+host (a balloon, free page reporting), every new page-cache page is a fault on the host —
+~2 ms per MB measured here, the largest single cost of a C-STORE (BENCHMARKS.md). A node
+with destinations keeps them: its forwarder reads each file back within seconds.
 """
 
 from __future__ import annotations

@@ -361,11 +361,13 @@ def _cached(path: Path) -> bool:
         os.close(fd)
 
 
-def test_stored_files_leave_the_page_cache(  # type: ignore[no-untyped-def]
-    start_scp, services: NodeServices, tmp_path: Path
+@pytest.mark.parametrize("forwarding", [False, True], ids=["no-destinations", "destinations"])
+def test_stored_files_leave_the_page_cache_unless_forwarded(  # type: ignore[no-untyped-def]
+    start_scp, db_url: str, tmp_path: Path, forwarding: bool
 ) -> None:
-    """A store answered on the express path has dropped its pages from the page cache (the
-    node writes every study once; growing the cache costs more than reusing its pages)."""
+    """A node that forwards nothing drops what it stored from the page cache (it writes every
+    study once; growing the cache costs more than reusing its pages). A node with
+    destinations keeps it there: its forwarder reads each file back within seconds."""
     probe = tmp_path / "probe"
     probe.write_bytes(b"\0" * 65536)
     with probe.open("rb+") as handle:
@@ -373,11 +375,19 @@ def test_stored_files_leave_the_page_cache(  # type: ignore[no-untyped-def]
         os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     if _cached(probe):  # tmpfs and the like keep every page: nothing to release there
         pytest.skip(f"{tmp_path} does not release pages from the page cache")
-    files = write_study(tmp_path / "study", 1, 3, size=256)
-    assert all(_cached(path) for path in files)  # just written: cached
-    scp = start_scp(services)
-    answers, _ = _send(scp.port, files)
-    assert answers == [(0, None)] * 3 and scp.served == 3
-    stored = list(services.spool.incoming.rglob("*.dcm"))
-    assert len(stored) == 3
-    assert not any(_cached(path) for path in stored)
+    sections: dict[str, Any] = {}
+    if forwarding:
+        sections["destinations"] = {"out": {"kind": "folder", "path": str(tmp_path / "out")}}
+    config = load_config(write_config(tmp_path / "node", db_url, **sections))
+    services = open_node_services(config)
+    try:
+        files = write_study(tmp_path / "study", 1, 3, size=256)
+        assert all(_cached(path) for path in files)  # just written: cached
+        scp = start_scp(services)
+        answers, _ = _send(scp.port, files)
+        assert answers == [(0, None)] * 3 and scp.served == 3
+        stored = list(services.spool.incoming.rglob("*.dcm"))
+        assert len(stored) == 3
+        assert [_cached(path) for path in stored] == [forwarding] * 3
+    finally:
+        services.close()
