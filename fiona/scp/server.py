@@ -147,8 +147,9 @@ class SharedListenerServer(ThreadedAssociationServer):
         busy = len(self.ae.active_associations) + (time.monotonic() - self._last_accept < 0.05)
         if busy:
             time.sleep(min(busy, 5) * ACCEPT_DELAY_SECONDS)
-        client, address = super().get_request()  # BlockingIOError: another process took it
-        client.setblocking(True)
+        # BlockingIOError if another process took it. The accepted socket blocks, as
+        # pynetdicom expects: it does not inherit the listening socket's O_NONBLOCK.
+        client, address = super().get_request()
         self._last_accept = time.monotonic()
         return client, address
 
