@@ -87,7 +87,7 @@ from receive import (  # noqa: E402
     cpu_times,
     dcmtk_env,
     git_state,
-    prepare_scratch,
+    remove_round_folder,
     wait_echo,
 )
 
@@ -593,7 +593,7 @@ def run_fiona(
     if args.keep or problems or slow:  # such a round keeps its logs and database to look at
         print(f"  kept {workdir}", file=sys.stderr)
     else:
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_round_folder(workdir)
     return rr
 
 
@@ -626,7 +626,7 @@ def run_baseline(
         problems=problems,
     )
     if not args.keep:
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_round_folder(workdir)
     return rr
 
 
@@ -836,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.spy and shutil.which(PY_SPY) is None:
         p.error("--spy needs py-spy (pip install py-spy)")
 
-    prepare_scratch(args.scratch)
+    args.scratch.mkdir(parents=True, exist_ok=True)
     fiona_src: Path | None = args.fiona_src.resolve() if args.fiona_src else None
     fiona_tree = str(fiona_src) if fiona_src else git_state()
     if args.fiona_rev:

@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    receive.prepare_scratch(args.scratch)
+    args.scratch.mkdir(parents=True, exist_ok=True)
     if args.child:
         return child(args)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]

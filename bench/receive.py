@@ -66,20 +66,38 @@ def dcmtk_env() -> dict[str, str]:
     return env
 
 
-def prepare_scratch(folder: Path) -> None:
-    """Create the folder that holds the per-round folders, each in a block group of its own.
+RECENTLY_DELETED_SECONDS = 31
+"""ext4 without a journal skips, for each new file, every inode deleted in the last 30 s
+(300 s while the inode table block is dirty): see :func:`remove_round_folder`."""
 
-    Every round deletes its folder (~1 GB, 2,000 files) when it ends. On ext4 without a
-    journal (this machine's root filesystem) the inode allocator then skips every inode
-    deleted in the last 30-300 s, rescanning them for each new file: the next round's files,
-    created in the same block group as the deleted ones, cost 0.3-0.5 ms of kernel CPU
-    each (``recently_deleted`` in a perf profile), for whichever target runs next. The
-    ext4 "top of a directory hierarchy" flag (``chattr +T``) makes the allocator spread the
-    round folders over the block groups as it does top-level folders, away from the last
-    round's deleted inodes. Elsewhere the flag is ignored.
+
+def ext4_without_journal(path: Path) -> bool:
+    """Whether `path` is on an ext4 filesystem that has no journal (this machine's root)."""
+    st = os.stat(path)
+    try:
+        uevent = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/uevent")
+        name = dict(line.split("=", 1) for line in uevent.read_text().splitlines() if "=" in line)[
+            "DEVNAME"
+        ]
+        return Path(f"/sys/fs/ext4/{name}/journal_task").read_text().strip() == "<none>"
+    except (OSError, KeyError):
+        return False
+
+
+def remove_round_folder(folder: Path) -> None:
+    """Delete a round's folder, and let its inodes age before the next round is timed.
+
+    A round leaves ~1 GB in 2,000 files. On ext4 without a journal the inode allocator
+    passes over every inode deleted in the last 30 s (`recently_deleted`), rereading its
+    inode table block, once per new file: right after a round's folder is deleted, the next
+    target's files cost 0.3-0.5 ms more kernel CPU each (perf: ``ext4_create`` ~20% of the
+    samples), a third of the rounds or more, whichever target runs next. So the bench syncs
+    (the inode table blocks are clean then, and the window is 30 s, not 300) and waits.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["chattr", "+T", str(folder)], capture_output=True, check=False)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.sync()
+    if ext4_without_journal(folder.parent):
+        time.sleep(RECENTLY_DELETED_SECONDS)
 
 
 # -- corpus -----------------------------------------------------------------------------
@@ -604,7 +622,7 @@ def run_round(
     if args.keep:
         print(f"  kept {workdir}", file=sys.stderr)
     else:
-        shutil.rmtree(workdir, ignore_errors=True)
+        remove_round_folder(workdir)
     os.sync()  # flush this round's writes before the next target is timed
     return rr
 
@@ -770,7 +788,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{tool} is missing (apt-get install dcmtk orthanc)")
 
     files = make_corpus(args.corpus, args.count)
-    prepare_scratch(args.scratch)
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    if ext4_without_journal(args.scratch):
+        print(
+            f"{args.scratch}: ext4 without a journal; each round's deletion is left "
+            f"{RECENTLY_DELETED_SECONDS} s to age (remove_round_folder)",
+            file=sys.stderr,
+        )
     # Warm the page cache so that every target reads the corpus from memory.
     for f in files:
         with open(f, "rb") as fh:
