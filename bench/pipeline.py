@@ -84,10 +84,12 @@ from receive import (  # noqa: E402
     ECHOSCU,
     ORTHANC,
     STORESCU,
+    clear_scratch,
     cpu_times,
     dcmtk_env,
     git_state,
-    remove_round_folder,
+    prepare_scratch,
+    retire_round_folder,
     wait_echo,
 )
 
@@ -593,7 +595,7 @@ def run_fiona(
     if args.keep or problems or slow:  # such a round keeps its logs and database to look at
         print(f"  kept {workdir}", file=sys.stderr)
     else:
-        remove_round_folder(workdir)
+        retire_round_folder(workdir)
     return rr
 
 
@@ -626,7 +628,7 @@ def run_baseline(
         problems=problems,
     )
     if not args.keep:
-        remove_round_folder(workdir)
+        retire_round_folder(workdir)
     return rr
 
 
@@ -836,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.spy and shutil.which(PY_SPY) is None:
         p.error("--spy needs py-spy (pip install py-spy)")
 
-    args.scratch.mkdir(parents=True, exist_ok=True)
+    prepare_scratch(args.scratch)
     fiona_src: Path | None = args.fiona_src.resolve() if args.fiona_src else None
     fiona_tree = str(fiona_src) if fiona_src else git_state()
     if args.fiona_rev:
@@ -919,6 +921,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.fiona_rev and fiona_src is not None and not args.keep:
         shutil.rmtree(fiona_src, ignore_errors=True)
+    clear_scratch(args.scratch)
     return 0 if all(r.ok for r in fiona_rounds) and all(r.ok for r in base_rounds) else 1
 
 

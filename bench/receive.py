@@ -68,7 +68,10 @@ def dcmtk_env() -> dict[str, str]:
 
 RECENTLY_DELETED_SECONDS = 31
 """ext4 without a journal skips, for each new file, every inode deleted in the last 30 s
-(300 s while the inode table block is dirty): see :func:`remove_round_folder`."""
+(300 s while the inode table block is dirty): see :func:`retire_round_folder`."""
+
+RETIRED = ".retired"
+"""Where finished rounds' folders wait (in the scratch folder) until the run ends."""
 
 
 def ext4_without_journal(path: Path) -> bool:
@@ -84,20 +87,44 @@ def ext4_without_journal(path: Path) -> bool:
         return False
 
 
-def remove_round_folder(folder: Path) -> None:
-    """Delete a round's folder, and let its inodes age before the next round is timed.
+def prepare_scratch(scratch: Path) -> None:
+    """Create the scratch folder; clear what an earlier run left, and let it age.
 
-    A round leaves ~1 GB in 2,000 files. On ext4 without a journal the inode allocator
-    passes over every inode deleted in the last 30 s (`recently_deleted`), rereading its
-    inode table block, once per new file: right after a round's folder is deleted, the next
-    target's files cost 0.3-0.5 ms more kernel CPU each (perf: ``ext4_create`` ~20% of the
-    samples), a third of the rounds or more, whichever target runs next. So the bench syncs
-    (the inode table blocks are clean then, and the window is 30 s, not 300) and waits.
+    Round folders are not deleted while a run goes on (:func:`retire_round_folder`): on ext4
+    without a journal (this machine's root filesystem) the inode allocator passes over every
+    inode deleted in the last 30 s (``recently_deleted``), rereading its inode table block,
+    once per new file. Right after a round's 2,000 files were deleted, the next target's
+    files cost 0.3-0.5 ms more kernel CPU each (perf: ``ext4_create`` ~20% of the samples),
+    whichever target that is. Leftovers of an earlier run are deleted here, synced (the
+    window is 30 s once the inode table blocks are clean, 300 s before) and left to age.
     """
-    shutil.rmtree(folder, ignore_errors=True)
+    scratch.mkdir(parents=True, exist_ok=True)
+    leftovers = list(scratch.iterdir())
+    for folder in leftovers:
+        shutil.rmtree(folder, ignore_errors=True)
     os.sync()
-    if ext4_without_journal(folder.parent):
-        time.sleep(RECENTLY_DELETED_SECONDS)
+    marker = scratch.parent / f".{scratch.name}-cleared"  # when the last run cleared up
+    last = marker.stat().st_mtime if marker.exists() else 0.0
+    if (leftovers or time.time() - last < RECENTLY_DELETED_SECONDS) and ext4_without_journal(
+        scratch
+    ):
+        wait = RECENTLY_DELETED_SECONDS - (0 if leftovers else time.time() - last)
+        print(f"letting deleted inodes age for {wait:.0f} s (ext4 without a journal)")
+        time.sleep(max(0.0, wait))
+
+
+def retire_round_folder(folder: Path) -> None:
+    """Set a finished round's folder aside until the run ends (see :func:`prepare_scratch`)."""
+    retired = folder.parent / RETIRED
+    retired.mkdir(exist_ok=True)
+    folder.rename(retired / folder.name)
+
+
+def clear_scratch(scratch: Path) -> None:
+    """Delete the run's retired round folders (the next run lets them age)."""
+    shutil.rmtree(scratch / RETIRED, ignore_errors=True)
+    os.sync()
+    (scratch.parent / f".{scratch.name}-cleared").touch()
 
 
 # -- corpus -----------------------------------------------------------------------------
@@ -622,7 +649,7 @@ def run_round(
     if args.keep:
         print(f"  kept {workdir}", file=sys.stderr)
     else:
-        remove_round_folder(workdir)
+        retire_round_folder(workdir)
     os.sync()  # flush this round's writes before the next target is timed
     return rr
 
@@ -788,13 +815,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{tool} is missing (apt-get install dcmtk orthanc)")
 
     files = make_corpus(args.corpus, args.count)
-    args.scratch.mkdir(parents=True, exist_ok=True)
-    if ext4_without_journal(args.scratch):
-        print(
-            f"{args.scratch}: ext4 without a journal; each round's deletion is left "
-            f"{RECENTLY_DELETED_SECONDS} s to age (remove_round_folder)",
-            file=sys.stderr,
-        )
+    prepare_scratch(args.scratch)
     # Warm the page cache so that every target reads the corpus from memory.
     for f in files:
         with open(f, "rb") as fh:
@@ -846,6 +867,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"stop {rr.stop_s:.1f} s  {status}",
                 flush=True,
             )
+    clear_scratch(args.scratch)
     rows = summarise(results, targets)
     print_table(rows, args)
     if args.json:
