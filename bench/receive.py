@@ -648,8 +648,10 @@ def run_round(
     )
     if args.keep:
         print(f"  kept {workdir}", file=sys.stderr)
-    else:
+    elif args.retire:
         retire_round_folder(workdir)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
     os.sync()  # flush this round's writes before the next target is timed
     return rr
 
@@ -771,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
         "--scratch",
         type=Path,
         default=OUT / "rounds",
-        help="parent of the per-round server folders (deleted after each round)",
+        help="parent of the per-round server folders (deleted when the run ends)",
     )
     p.add_argument(
         "--fiona-pdu",
@@ -816,6 +818,16 @@ def main(argv: list[str] | None = None) -> int:
 
     files = make_corpus(args.corpus, args.count)
     prepare_scratch(args.scratch)
+    # Every round's folder is kept until the run ends, if the disk has room for them all.
+    need = sum(f.stat().st_size for f in files) * args.rounds * len(targets)
+    args.retire = shutil.disk_usage(args.scratch).free > need * 1.2 + (2 << 30)
+    if not args.retire:
+        print(
+            f"not enough free disk to keep every round ({need >> 20} MB): each round's folder "
+            "is deleted before the next round, which may slow the next target's files down "
+            "on ext4 without a journal (see prepare_scratch)",
+            file=sys.stderr,
+        )
     # Warm the page cache so that every target reads the corpus from memory.
     for f in files:
         with open(f, "rb") as fh:
