@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -189,6 +190,20 @@ class FionaServer:
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        """The log's complete JSON lines whose event is `event`, in order."""
+        lines = self.log().split("\n")[:-1]  # the last piece may be a line being written
+        marker = json.dumps({"event": event})[1:-1]
+        return [json.loads(line) for line in lines if marker in line]
+
+    def wait_for(self, event: str, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Wait until the log holds `count` lines of `event` (every worker "listening", say);
+        returns them all (fewer if the time ran out)."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.events(event)) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return found
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

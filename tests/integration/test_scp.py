@@ -458,10 +458,7 @@ def test_max_associations_rejects_the_next_one(make_server) -> None:  # type: ig
 def test_worker_processes_share_the_port(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     srv = make_server(node={"workers": 2})
     srv.start()
-    deadline = time.monotonic() + 30
-    while srv.log().count('"event": "listening"') < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    listening = [json.loads(line) for line in srv.log().splitlines() if '"listening"' in line]
+    listening = srv.wait_for("listening", 2)
     pids = {entry["pid"] for entry in listening}
     assert len(pids) == 2 and sum(entry["worker"] for entry in listening) == 1
     batches = [write_study(tmp_path / f"s{i}", 1, 10) for i in range(8)]
@@ -480,9 +477,7 @@ def test_concurrent_associations_spread_over_the_workers(make_server) -> None:  
     """A process serving an association leaves the next one to an idle process."""
     srv = make_server(node={"workers": 2})
     srv.start()
-    deadline = time.monotonic() + 30
-    while srv.log().count('"event": "listening"') < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    assert len(srv.wait_for("listening", 2)) == 2
     ae = AE(ae_title="HOLDER")
     ae.add_requested_context(Verification)
     for round_ in range(1, 4):  # three times two associations open at once
@@ -490,10 +485,7 @@ def test_concurrent_associations_spread_over_the_workers(make_server) -> None:  
         assert all(assoc.is_established for assoc in held)
         for assoc in held:
             assoc.release()
-        deadline = time.monotonic() + 10
-        while srv.log().count("association ended") < 2 * round_ and time.monotonic() < deadline:
-            time.sleep(0.05)
-        ended = [json.loads(line) for line in srv.log().splitlines() if "association ended" in line]
+        ended = srv.wait_for("association ended", 2 * round_, timeout=10)
         assert len(ended) == 2 * round_
         assert ended[-1]["pid"] != ended[-2]["pid"]
     assert srv.stop() == 0
@@ -538,14 +530,7 @@ def test_no_patient_identifiers_in_logs_or_audit(make_server, tmp_path: Path) ->
 def test_workers_stop_when_the_primary_is_killed(make_server) -> None:  # type: ignore[no-untyped-def]
     srv = make_server(node={"workers": 2})
     srv.start()
-    deadline = time.monotonic() + 30
-    while srv.log().count('"event": "listening"') < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    workers = [
-        json.loads(line)["pid"]
-        for line in srv.log().splitlines()
-        if '"listening"' in line and '"worker": true' in line
-    ]
+    workers = [entry["pid"] for entry in srv.wait_for("listening", 2) if entry["worker"]]
     assert len(workers) == 1
     srv.kill9()
     deadline = time.monotonic() + 30

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import ssl
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -65,24 +65,31 @@ def _storescu_tls(port: int, files: list[Path], pki: Path, tls: bool = True) -> 
     return f"rc={result.returncode}\n{result.stdout}{result.stderr}"
 
 
-def test_fiona_receives_over_tls_and_requires_a_client_certificate(
-    tmp_path: Path, pki: Path
-) -> None:
+def _tls_node(tmp_path: Path, pki: Path, **node: Any) -> tuple[FionaServer, int]:
+    """A FIONA node (not started) with a TLS listener that requires a client certificate
+    signed by the test CA; the server and its TLS port."""
     tls_port = free_port()
     config = write_config(
         tmp_path / "node",
         "sqlite:///fiona.db",
         node={
+            **node,
             "tls": {
                 "port": tls_port,
                 "cert_file": str(pki / "server.pem"),
                 "key_file": str(pki / "server.key"),
                 "ca_file": str(pki / "ca.pem"),
-            }
+            },
         },
     )
     raw = yaml.safe_load(config.read_text())
-    server = FionaServer(config, raw["node"]["port"], tmp_path / "node" / "spool")
+    return FionaServer(config, raw["node"]["port"], tmp_path / "node" / "spool"), tls_port
+
+
+def test_fiona_receives_over_tls_and_requires_a_client_certificate(
+    tmp_path: Path, pki: Path
+) -> None:
+    server, tls_port = _tls_node(tmp_path, pki)
     server.start()
     try:
         files = write_study(tmp_path / "study", 1, 2)
@@ -160,27 +167,10 @@ def test_forwarding_to_a_tls_destination(tmp_path: Path, pki: Path) -> None:
 def test_every_receiving_process_serves_tls(tmp_path: Path, pki: Path) -> None:
     """With node.workers: 2, the worker inherits the TLS listener too: while one process
     holds a TLS association, the other serves the next."""
-    tls_port = free_port()
-    config = write_config(
-        tmp_path / "node",
-        "sqlite:///fiona.db",
-        node={
-            "workers": 2,
-            "tls": {
-                "port": tls_port,
-                "cert_file": str(pki / "server.pem"),
-                "key_file": str(pki / "server.key"),
-                "ca_file": str(pki / "ca.pem"),
-            },
-        },
-    )
-    raw = yaml.safe_load(config.read_text())
-    server = FionaServer(config, raw["node"]["port"], tmp_path / "node" / "spool")
+    server, tls_port = _tls_node(tmp_path, pki, workers=2)
     server.start()
     try:
-        deadline = time.monotonic() + 30
-        while server.log().count('"event": "listening"') < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        assert len(server.wait_for("listening", 2)) == 2
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki / "ca.pem"))
         context.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
         ae = AE(ae_title="HOLDER")
@@ -194,12 +184,7 @@ def test_every_receiving_process_serves_tls(tmp_path: Path, pki: Path) -> None:
             assert _storescu_tls(tls_port, files, pki).startswith("rc=0"), server.log()
         finally:
             held.release()
-        deadline = time.monotonic() + 10
-        while server.log().count("association ended") < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        ended = [
-            json.loads(line) for line in server.log().splitlines() if "association ended" in line
-        ]
+        ended = server.wait_for("association ended", 2, timeout=10)
         assert len({entry["pid"] for entry in ended}) == 2
         assert len(list((tmp_path / "node" / "spool" / "incoming").rglob("*.dcm"))) == 2
     finally:
