@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +14,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["make_engine", "make_sessionmaker"]
+__all__ = ["WriteTurn", "make_engine", "make_sessionmaker"]
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -55,3 +60,66 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """Return the session factory every FIONA component uses."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+class WriteTurn:
+    """Several processes' writes to one SQLite file, taken in turn rather than by polling.
+
+    SQLite lets one connection write at a time; a second one that finds the file locked
+    sleeps in its busy handler (1, 2, 5, 10 ms …) and tries again, whether the writer
+    finished 50 µs later or not. With several receiving processes (``node.workers``) each
+    committing an index row per instance, those sleeps added up to ~11% of every
+    association's time (BENCHMARKS.md). A writer that holds its turn — an exclusive
+    ``flock`` on ``<database>.write-turn``, beside the ``-wal`` and ``-shm`` files — is
+    woken by the kernel the moment the other one lets go.
+
+    The turn only orders FIONA's frequent writers (every process's index writer); SQLite's
+    own locking still guarantees correctness, so a writer without a turn (a CLI command, the
+    web UI) waits in its busy handler as before. A lock file that cannot be opened (a
+    read-only folder) means no turn: SQLite's locking alone, as before. PostgreSQL and
+    in-memory databases need none. The kernel releases a dead process's turn.
+
+    One :class:`WriteTurn` belongs to one thread: ``flock`` locks an open file, and two
+    threads of one process sharing it would not exclude each other.
+    """
+
+    SUFFIX = ".write-turn"
+
+    def __init__(self, engine: Engine) -> None:
+        url = engine.url
+        database = url.database if url.get_backend_name() == "sqlite" else None
+        self.path = Path(database + self.SUFFIX) if database and database != ":memory:" else None
+        self._fd: int | None = None
+        self._owner: int | None = None
+
+    @contextlib.contextmanager
+    def taken(self) -> Iterator[None]:
+        """Hold the turn for the statements inside (blocks while another process has it)."""
+        fd = self._open()
+        if fd is None:
+            yield
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _open(self) -> int | None:
+        if self.path is None:
+            return None
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                self.path = None  # SQLite's own locking only
+                return None
+            self._owner = threading.get_ident()
+        if self._owner != threading.get_ident():
+            raise RuntimeError("a WriteTurn is used by one thread only")
+        return self._fd
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)

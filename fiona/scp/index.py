@@ -31,6 +31,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
 from fiona.audit import audit_event
+from fiona.db.engine import WriteTurn
 from fiona.db.models import (
     AuditEventType,
     Instance,
@@ -246,6 +247,7 @@ class IndexWriter:
             if isinstance(engine, Engine) and _RoutineLane.supports(engine)
             else None
         )
+        self._turn = WriteTurn(engine) if isinstance(engine, Engine) else None
 
     def start(self) -> None:
         if not self._started:
@@ -260,6 +262,8 @@ class IndexWriter:
             self._started = False
         if self._lane is not None:
             self._lane.close()
+        if self._turn is not None:
+            self._turn.close()
 
     def __enter__(self) -> IndexWriter:
         self.start()
@@ -308,7 +312,8 @@ class IndexWriter:
                     continue
                 batch.append(item)
             if batch:
-                self._commit(batch)
+                with self._turn.taken() if self._turn is not None else contextlib.nullcontext():
+                    self._commit(batch)
 
     def _commit(self, batch: list[tuple[_Work, Future[Any]]], attempt: int = 1) -> None:
         if attempt == 1 and self._commit_routine(batch):

@@ -7,16 +7,20 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fionatest import make_ct, sample_file
+from fionatest import make_ct, sample_file, write_config
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
+from fiona.config import load_config
 from fiona.db import current_revision, head_revision
 from fiona.db.models import (
     AuditEvent,
@@ -32,7 +36,7 @@ from fiona.scp.header import InstanceHeader
 from fiona.scp.index import InstanceRecord, StoreOutcome
 from fiona.scp.ingest import ReceiveFacts, Status
 from fiona.scp.recovery import reconcile
-from fiona.scp.server import NodeServices
+from fiona.scp.server import NodeServices, open_node_services
 from fiona.scp.spool import Spool
 from fiona.scp.stability import sweep
 
@@ -406,3 +410,43 @@ def test_routine_instances_take_the_short_lane_and_store_what_the_session_stores
         assert fast.received_at == routine.received_at and fast.state is InstanceState.RECEIVED
         study_row = session.scalars(select(Study)).one()
         assert study_row.last_received_at == later.received_at  # touched by the session
+
+
+def test_index_writers_of_several_processes_take_turns_on_sqlite(tmp_path: Path, clock) -> None:  # type: ignore[no-untyped-def]
+    """Receiving processes sharing one SQLite file queue for it: while another process
+    holds the write turn, the writer's commit waits (no success status is answered for an
+    instance that is not indexed); the kernel hands the turn on the moment that process
+    lets go — here it dies (kill -9), as a crashed worker would."""
+    config = load_config(write_config(tmp_path / "node", f"sqlite:///{tmp_path}/fiona.db"))
+    services = open_node_services(config, clock)
+    try:
+        turn = tmp_path / "fiona.db.write-turn"
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import fcntl, os, sys, time\n"
+                f"fd = os.open({str(turn)!r}, os.O_RDWR | os.O_CREAT)\n"
+                "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                "print('held', flush=True)\n"
+                "time.sleep(60)\n",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+            study, series = generate_uid(), generate_uid()
+            pending = services.writer.index_instance(
+                _record(study, series, datetime(2026, 12, 5, tzinfo=UTC))
+            )
+            with pytest.raises(FutureTimeout):
+                pending.result(0.5)
+            assert count(services, Instance) == 0
+        finally:
+            holder.kill()
+            holder.wait()
+        assert pending.result(10) is StoreOutcome.STORED
+        assert count(services, Instance) == 1
+    finally:
+        services.close()
