@@ -2,11 +2,14 @@
 
 Run before the SCP accepts associations:
 
-* an index row whose file is missing from ``incoming/`` while a temporary file in ``tmp/``
-  has the row's SHA-256 is a rename the power failure took (the folder's fsync is put off,
-  see :mod:`fiona.scp.spool`): the file is moved into place;
+* an index row whose file is missing from ``incoming/`` while a temporary file left in
+  ``tmp/`` has the row's SHA-256 is a rename the power failure took (the folder's fsync is
+  put off, see :mod:`fiona.scp.spool`): the file is moved into place;
 * the other temporary files, left by transfers that were cut off, are removed — their
-  senders never got a success status, so they still hold the data and will send it again;
+  senders never got a success status, so they still hold the data and will send it again —
+  and so are the emptied folders of the processes that left them. The folder of a process
+  that still runs (a ``fiona import`` beside the restart, a worker of the stopped node not
+  yet gone) is left alone: its files are in use;
 * files under ``incoming/`` without an index row (a crash between rename and commit) are
   indexed, attributed to the pseudo-association ``recovered``;
 * index rows whose file is gone are flagged ``file_missing`` with an audit event.
@@ -14,6 +17,7 @@ Run before the SCP accepts associations:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -62,14 +66,20 @@ def reconcile(
     absent = {  # the SHA-256 of each row whose file is not where the row says -> its path
         digest: path for path, flagged, digest in rows if not flagged and path not in on_disk
     }
-    restored = _restore_renames(spool, absent)
+    leftovers, folders = _leftovers(spool)
+    restored = _restore_renames(spool, absent, leftovers)
     on_disk.update(restored)
     removed = 0
-    for entry in os.scandir(spool.tmp):
-        if entry.is_file():
-            if entry.stat().st_size:  # empty: a file made ahead for a store that never came
-                removed += 1
-            os.unlink(entry.path)
+    for path, size in leftovers:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue  # moved into place above
+        if size:  # empty: a file made ahead for a store that never came
+            removed += 1
+    for folder in folders:  # deepest first
+        with contextlib.suppress(OSError):  # not empty: something else put a file there
+            folder.rmdir()
 
     indexed = unreadable = 0
     for relative in sorted(on_disk):
@@ -141,19 +151,52 @@ def reconcile(
     return result
 
 
-def _restore_renames(spool: Spool, absent: dict[str, str]) -> list[str]:
+def _leftovers(spool: Spool) -> tuple[list[tuple[Path, int]], list[Path]]:
+    """The temporary files nobody is writing (with their sizes), and the folders to remove
+    once they are gone, deepest first: everything under ``tmp/`` — loose files of earlier
+    versions, the upload folders in it — but for the folders of other processes that run."""
+    files: list[tuple[Path, int]] = []
+    folders: list[Path] = []
+    own = spool.tmp
+    for entry in os.scandir(spool.tmp_root):
+        path = Path(entry.path)
+        if not entry.is_dir(follow_symlinks=False):
+            files.append((path, entry.stat().st_size))
+            continue
+        if path != own and entry.name.isdigit() and _running(int(entry.name)):
+            continue
+        for top, subfolders, names in os.walk(path, topdown=False):
+            files.extend((Path(top) / name, os.lstat(Path(top) / name).st_size) for name in names)
+            folders.extend(Path(top) / name for name in subfolders)
+        if path != own:
+            folders.append(path)
+    return files, folders
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this id runs (its temporary folder is in use)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's
+    return True
+
+
+def _restore_renames(
+    spool: Spool, absent: dict[str, str], leftovers: list[tuple[Path, int]]
+) -> list[str]:
     """Move temporary files into place whose SHA-256 a row without its file holds (`absent`:
     digest -> the row's path); the paths restored."""
-    candidates = [
-        entry.path for entry in os.scandir(spool.tmp) if entry.is_file() and entry.stat().st_size
-    ]
+    candidates = [path for path, size in leftovers if size]
     restored: list[str] = []
     for candidate in candidates if absent else []:
         digest, _size = file_digest(candidate)
         target = absent.pop(digest, None)
         if target is None:
             continue
-        spool.commit_file(Path(candidate), spool.root / target)  # folders synced at once
+        spool.commit_file(candidate, spool.root / target)  # folders synced at once
         restored.append(target)
         log.warning("file restored from tmp/ after a crash", path=target)
     return restored

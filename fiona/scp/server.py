@@ -177,6 +177,7 @@ class NodeServices:
         self.ingestor.close()
         self.writer.stop()
         self.engine.dispose()
+        self.spool.release_tmp()
 
 
 def open_node_services(config: FionaConfig, clock: Clock = utcnow) -> NodeServices:

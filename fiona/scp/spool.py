@@ -5,7 +5,7 @@ Layout under the storage folder (one filesystem, so that renames are atomic)::
     incoming/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
     incoming/<StudyInstanceUID>/<SeriesInstanceUID>.json    (series metadata, when stable)
     quarantine/<YYYYMMDD>/<uuid>.dcm  + <uuid>.json          (bytes we could not accept)
-    tmp/                                                     (files being received)
+    tmp/<pid>/                                 (files being received, one folder per process)
 
 Durability (the promise behind a C-STORE success): write to a temporary file on the same
 filesystem, fsync it, commit the index row (its SHA-256 included), rename the file into
@@ -16,6 +16,13 @@ ends, a journaling filesystem commits it within seconds anyway, and should the p
 before that, the file is still durable under its temporary name in ``tmp/`` and restart
 recovery moves it into place by its index row's digest (:mod:`fiona.scp.recovery`). A
 replacement (the path exists) and a new folder are synced at once, as before.
+
+Temporary folders: each process that receives (``node.workers``, ``fiona import``) writes
+its temporary files in a folder of its own, ``tmp/<pid>``. Creating a file holds its
+folder's lock for the whole inode search, and a rename out of it takes the lock again; two
+workers sharing one ``tmp/`` spun on that lock for each other (BENCHMARKS.md). A process
+removes its folder when it stops; restart recovery goes through the folders of processes
+that no longer run.
 
 Page cache: on a node that forwards nothing, a received file's pages leave the page cache
 once it is on disk (:func:`release_pages`). Nothing reads it again soon; keeping gigabytes
@@ -149,13 +156,24 @@ class Spool:
         return self.root / "quarantine"
 
     @property
-    def tmp(self) -> Path:
+    def tmp_root(self) -> Path:
+        """The folder of every process's temporary folder (see the module docstring)."""
         return self.root / "tmp"
 
+    @property
+    def tmp(self) -> Path:
+        """This process's temporary folder, ``tmp/<pid>``."""
+        return self.tmp_root / str(os.getpid())
+
     def prepare(self) -> None:
-        """Create the folders (idempotent)."""
-        for folder in (self.root, self.incoming, self.quarantine, self.tmp):
+        """Create the folders, this process's temporary folder included (idempotent)."""
+        for folder in (self.root, self.incoming, self.quarantine, self.tmp_root, self.tmp):
             folder.mkdir(parents=True, exist_ok=True)
+
+    def release_tmp(self) -> None:
+        """Remove this process's temporary folder when it stops, if nothing is left in it."""
+        with contextlib.suppress(OSError):  # not empty (kept for recovery), or gone
+            self.tmp.rmdir()
 
     def free_bytes(self) -> int:
         """Free space on the spool filesystem for an unprivileged writer."""

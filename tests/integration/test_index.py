@@ -450,3 +450,47 @@ def test_index_writers_of_several_processes_take_turns_on_sqlite(tmp_path: Path,
         assert count(services, Instance) == 1
     finally:
         services.close()
+
+
+def test_reconcile_goes_through_the_folders_of_processes_that_stopped(  # type: ignore[no-untyped-def]
+    services: NodeServices, clock, tmp_path: Path
+) -> None:
+    """Every receiving process has its own tmp/<pid>. Recovery restores and clears what
+    stopped processes left (their folders go too) and loose files of earlier versions, and
+    leaves alone the folder of a process that still runs (a `fiona import` beside the
+    restart): its files are being written."""
+    study, series = generate_uid(), generate_uid()
+    sent = save(make_ct(study, series, seed=8), tmp_path / "sent.dcm")
+    assert services.ingestor.ingest(put(services, sent), FACTS).ok
+    final = services.spool.instance_path(study, series, dcmread(sent).SOPInstanceUID)
+    original = final.read_bytes()
+
+    stopped = services.spool.tmp_root / str(_pid_of_a_process_that_ended())
+    (stopped / "upload-x").mkdir(parents=True)
+    os.replace(final, stopped / "rx-1.dcm")  # a worker's rename the power failure took
+    (stopped / "rx-2.dcm").write_bytes(original[:900])  # cut off
+    (stopped / "upload-x" / "a.dcm").write_bytes(original[:500])  # an upload cut off
+    (services.spool.tmp_root / "rx-3.dcm").write_bytes(b"old")  # an earlier version's
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        busy = services.spool.tmp_root / str(running.pid)
+        busy.mkdir()
+        (busy / "rx-4.dcm").write_bytes(original[:700])  # being received right now
+
+        result = reconcile(services.session_factory, services.spool, services.writer, clock())
+        assert (result.files_restored, result.temporary_removed) == (1, 3)
+        assert final.read_bytes() == original
+        assert not stopped.exists()
+        assert (busy / "rx-4.dcm").read_bytes() == original[:700]
+        assert sorted(p.name for p in services.spool.tmp_root.iterdir()) == sorted(
+            [str(os.getpid()), str(running.pid)]
+        )
+    finally:
+        running.kill()
+        running.wait()
+
+
+def _pid_of_a_process_that_ended() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid

@@ -355,8 +355,12 @@ def test_kill_9_loses_no_acknowledged_instance(make_server, tmp_path: Path) -> N
     for path in srv.storage.glob("incoming/*/*/*.dcm"):
         dcmread(path)  # nothing half-written
         assert srv.storage.joinpath(rows[path.stem]).exists()
-    assert not list((srv.storage / "tmp").iterdir())
+    # Nothing of the killed process is left in tmp/: only the new one's (empty) folder.
+    assert srv.proc is not None
+    assert [p.name for p in (srv.storage / "tmp").iterdir()] == [str(srv.proc.pid)]
+    assert not [p for p in (srv.storage / "tmp").rglob("*") if p.is_file()]
     assert srv.stop() == 0
+    assert not list((srv.storage / "tmp").iterdir())  # a stopping process removes its own
 
 
 def test_sigterm_finishes_in_flight_association(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
