@@ -87,6 +87,7 @@ from receive import (  # noqa: E402
     clear_scratch,
     cpu_times,
     dcmtk_env,
+    export_rev,
     git_state,
     prepare_scratch,
     retire_round_folder,
@@ -752,23 +753,6 @@ def print_report(s: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"\npy-spy --threads, mode {args.spy_mode} ({total} samples at {args.spy_rate} Hz):")
         for name, k in s["spy_samples"].items():
             print(f"  {name:45s} {k:6d}  {k / args.spy_rate:7.2f} thread-s")
-
-
-def export_rev(rev: str, into: Path) -> tuple[Path, str]:
-    """``git archive`` of ``fiona/`` at *rev* into a temporary folder; it and the commit."""
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", f"{rev}^{{commit}}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    into.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="fiona-src-", dir=into))
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", commit, "fiona"], capture_output=True, check=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
-    return folder, commit
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,12 @@ Usage::
     python bench/receive.py --count 2000 --rounds 3
     python bench/receive.py --count 2000 --rounds 3 --parallel 2 --json bench/out/p2.json
     python bench/receive.py --targets fiona --rounds 1 --hold   # for py-spy --pid
+    python bench/receive.py --targets fiona --fiona-rev HEAD~1 --rounds 6   # A/B two commits
+
+With ``--fiona-rev`` the tree and the other revision are two targets of the same rounds, in
+alternating order (round 1: tree first, round 2: the revision first, …): the machine drifts
+within a run of several minutes (here the rate fell ~25% over 8 minutes of back-to-back
+runs), and whatever runs first in every pair looks faster. Compare them round by round.
 
 The corpus is cached in ``bench/out/corpus`` (gitignored) and reused across runs.
 """
@@ -418,6 +424,7 @@ class Fiona(Target):
             capture_output=True,
             text=True,
             timeout=120,
+            env=self.env(),
         )
         if r.returncode != 0:
             raise RuntimeError(f"fiona status failed: {r.stderr[-500:]}")
@@ -467,7 +474,23 @@ class Orthanc(Target):
             return int(json.load(resp)["CountInstances"])
 
 
+class FionaAt(Fiona):
+    """FIONA exported at another revision (``--fiona-rev``), run side by side with the tree."""
+
+    def env(self) -> dict[str, str]:
+        env = super().env()
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(self.args.fiona_rev_src), *filter(None, [os.environ.get("PYTHONPATH")])]
+        )
+        return env
+
+
 TARGETS: dict[str, type[Target]] = {"storescp": StoreSCP, "fiona": Fiona, "orthanc": Orthanc}
+
+
+def target_class(name: str) -> type[Target]:
+    """The target of a name: ``fiona@COMMIT`` is the ``--fiona-rev`` export."""
+    return FionaAt if name.startswith("fiona@") else TARGETS[name]
 
 
 # -- sending ---------------------------------------------------------------------------------
@@ -585,7 +608,7 @@ def run_round(
     name: str, rnd: int, files: list[Path], args: argparse.Namespace, scratch: Path
 ) -> RoundResult:
     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-r{rnd}-", dir=scratch))
-    target = TARGETS[name](workdir, args)
+    target = target_class(name)(workdir, args)
     problems: list[str] = []
     t_start = time.monotonic()
     target.start()
@@ -750,6 +773,44 @@ def git_state() -> str:
     return f"{head}{' (fiona/ modified)' if dirty else ''}"
 
 
+def export_rev(rev: str, into: Path) -> tuple[Path, str]:
+    """``git archive`` of ``fiona/`` at *rev* into a temporary folder; it and the commit."""
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    into.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="fiona-src-", dir=into))
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", commit, "fiona"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder, commit
+
+
+def compare_revisions(results: list[RoundResult], against: str) -> str:
+    """FIONA's rate over the other revision's, round by round (the two ran side by side)."""
+    mine = {r.round: r for r in results if r.target == "fiona" and r.ok}
+    other = {r.round: r for r in results if r.target == against and r.ok}
+    pairs = [(mine[k], other[k]) for k in sorted(mine.keys() & other.keys())]
+    if not pairs:
+        return f"fiona / {against}: no round where both passed"
+    rates = [a.instances_per_s / b.instances_per_s for a, b in pairs]
+    cpu = [
+        a.server_cpu_ms_per_instance / b.server_cpu_ms_per_instance
+        for a, b in pairs
+        if b.server_cpu_ms_per_instance
+    ]
+    shown = ", ".join(f"{x:.2f}" for x in rates)
+    return (
+        f"fiona / {against}, round by round: inst/s {shown} (median "
+        f"{statistics.median(rates):.2f}); CPU per instance median "
+        f"{statistics.median(cpu) if cpu else float('nan'):.2f}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -793,6 +854,11 @@ def main(argv: list[str] | None = None) -> int:
         default=900.0,
         help="kill storescu after this many seconds (bounded runtime)",
     )
+    p.add_argument(
+        "--fiona-rev",
+        help="also run FIONA exported at this git revision (target fiona@COMMIT), side by "
+        "side with the tree in every round, and report the rates round by round",
+    )
     p.add_argument("--keep", action="store_true", help="keep the per-round server folders")
     p.add_argument(
         "--hold",
@@ -818,6 +884,11 @@ def main(argv: list[str] | None = None) -> int:
 
     files = make_corpus(args.corpus, args.count)
     prepare_scratch(args.scratch)
+    against = None
+    if args.fiona_rev:
+        args.fiona_rev_src, commit = export_rev(args.fiona_rev, args.scratch / ".src")
+        against = f"fiona@{commit}"
+        targets = [*targets, against] if "fiona" in targets else [*targets, "fiona", against]
     # Every round's folder is kept until the run ends, if the disk has room for them all.
     need = sum(f.stat().st_size for f in files) * args.rounds * len(targets)
     args.retire = shutil.disk_usage(args.scratch).free > need * 1.2 + (2 << 30)
@@ -880,8 +951,12 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     clear_scratch(args.scratch)
+    if args.fiona_rev:
+        shutil.rmtree(args.scratch / ".src", ignore_errors=True)
     rows = summarise(results, targets)
     print_table(rows, args)
+    if against is not None:
+        print(compare_revisions(results, against))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
@@ -890,6 +965,7 @@ def main(argv: list[str] | None = None) -> int:
                     "started_utc": started.isoformat(timespec="seconds"),
                     "command": " ".join([Path(sys.executable).name, *sys.argv]),
                     "fiona_tree": git_state(),
+                    "against": against,
                     "machine": {
                         "cpus": os.cpu_count(),
                         "platform": platform.platform(),
