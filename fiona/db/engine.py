@@ -67,12 +67,13 @@ class WriteTurn:
 
     SQLite lets one connection write at a time; a second one that finds the file locked
     sleeps in its busy handler (1, 2, 5, 10 ms …) and tries again, whether the writer
-    finished 50 µs later or not. With several receiving processes (``node.workers``) each
-    committing an index row per instance, those waits took ~11% of every association's
-    time; with turns, ~6% (on two cores shared with the senders the throughput stayed the
-    same: the other process had the CPU meanwhile; BENCHMARKS.md). A writer that holds its turn — an exclusive
-    ``flock`` on ``<database>.write-turn``, beside the ``-wal`` and ``-shm`` files — is
-    woken by the kernel the moment the other one lets go.
+    finished 50 µs later or not. A writer that waits for its turn — an exclusive ``flock``
+    on ``<database>.write-turn``, beside the ``-wal`` and ``-shm`` files — is woken by the
+    kernel the moment the other one lets go. With two receiving processes
+    (``node.workers``) each committing an index row per instance, the waits for the lock
+    fell from ~11% of every association's time to ~6%; on two cores shared with the
+    senders the throughput stayed the same (the other process had the CPU meanwhile;
+    BENCHMARKS.md).
 
     The turn only orders FIONA's frequent writers (every process's index writer); SQLite's
     own locking still guarantees correctness, so a writer without a turn (a CLI command, the
