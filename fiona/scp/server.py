@@ -184,6 +184,7 @@ def open_node_services(config: FionaConfig, clock: Clock = utcnow) -> NodeServic
     """Prepare spool and database (migrating it) and start the index writer."""
     spool = Spool(config.storage.path, config.storage.min_free_mb)
     spool.prepare()
+    spool.claim_tmp()
     engine = make_engine(config.database.url)
     upgrade(engine)
     session_factory = make_sessionmaker(engine)

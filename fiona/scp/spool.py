@@ -44,6 +44,7 @@ import re
 import shutil
 import threading
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -64,6 +65,10 @@ __all__ = [
 # PS3.5 9.1: digits and dots, at most 64 characters. Leading zeros occur in the wild and
 # are accepted; anything else could escape the spool folder as a path.
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+# This process's temporary folder -> the services using it (Spool.claim_tmp, release_tmp).
+_TMP_USERS: Counter[Path] = Counter()
+_TMP_LOCK = threading.Lock()
 
 _CHUNK = 1 << 20
 
@@ -166,14 +171,30 @@ class Spool:
         return self.tmp_root / str(os.getpid())
 
     def prepare(self) -> None:
-        """Create the folders, this process's temporary folder included (idempotent)."""
-        for folder in (self.root, self.incoming, self.quarantine, self.tmp_root, self.tmp):
+        """Create the shared folders (idempotent); a receiver also calls :meth:`claim_tmp`."""
+        for folder in (self.root, self.incoming, self.quarantine, self.tmp_root):
             folder.mkdir(parents=True, exist_ok=True)
 
+    def claim_tmp(self) -> Path:
+        """Create this process's temporary folder for a service that receives; it calls
+        :meth:`release_tmp` when it stops (several services of one process share it)."""
+        folder = self.tmp
+        with _TMP_LOCK:
+            folder.mkdir(parents=True, exist_ok=True)
+            _TMP_USERS[folder] += 1
+        return folder
+
     def release_tmp(self) -> None:
-        """Remove this process's temporary folder when it stops, if nothing is left in it."""
-        with contextlib.suppress(OSError):  # not empty (kept for recovery), or gone
-            self.tmp.rmdir()
+        """The last service of this process to stop removes its temporary folder, if
+        nothing is left in it (a file left there waits for restart recovery)."""
+        folder = self.tmp
+        with _TMP_LOCK:
+            _TMP_USERS[folder] -= 1
+            if _TMP_USERS[folder] > 0:
+                return
+            del _TMP_USERS[folder]
+            with contextlib.suppress(OSError):  # not empty, or gone
+                folder.rmdir()
 
     def free_bytes(self) -> int:
         """Free space on the spool filesystem for an unprivileged writer."""

@@ -60,6 +60,8 @@ def test_import_folder_like_a_dvd(node: FionaServer, tmp_path: Path) -> None:
     again = node.cli("import", str(dvd / "DICOM" / "ST1"), check=False)
     assert "duplicate 6" in again.stdout  # re-import changes nothing
     assert json.loads(node.cli("status", "--json").stdout)["instances"] == 7
+    # The import and status processes left no temporary folder of theirs behind.
+    assert not list((node.storage / "tmp").iterdir())
 
 
 def test_status_human_readable(node: FionaServer) -> None:

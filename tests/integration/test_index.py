@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from fionatest import make_ct, sample_file, write_config
+from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
@@ -165,8 +166,11 @@ def test_missing_uids_are_quarantined(services: NodeServices, tmp_path: Path, mi
 
 
 def test_uid_that_would_escape_the_spool_is_quarantined(
-    services: NodeServices, tmp_path: Path
+    services: NodeServices, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # pydicom warns about the UID only in its default mode; an in-process node set earlier
+    # in the session (configure_pynetdicom) switches that off process-wide.
+    monkeypatch.setattr(pydicom_config.settings, "reading_validation_mode", pydicom_config.WARN)
     with pytest.warns(UserWarning, match="Invalid value for VR UI"):
         ds = make_ct("../../../../tmp/evil", generate_uid())
     path = save(ds, tmp_path / "evil.dcm")

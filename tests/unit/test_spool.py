@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def test_uid_validation_guards_the_file_system(uid: object, valid: bool) -> None
 def test_commit_file_moves_bytes_into_place(tmp_path: Path) -> None:
     spool = Spool(tmp_path, 0)
     spool.prepare()
-    tmp = spool.tmp / "x.dcm"
+    tmp = spool.claim_tmp() / "x.dcm"
     tmp.write_bytes(b"abc")
     final = spool.instance_path("1.2", "1.2.3", "1.2.3.4")
     spool.commit_file(tmp, final)
@@ -45,6 +46,23 @@ def test_commit_file_moves_bytes_into_place(tmp_path: Path) -> None:
     tmp.write_bytes(b"def")
     spool.commit_file(tmp, final)
     assert final.read_bytes() == b"def"
+
+
+def test_a_process_temporary_folder_lives_as_long_as_its_last_receiver(tmp_path: Path) -> None:
+    """tmp/<pid> exists while a service of this process receives (serve, import; two nodes
+    of one process share it); the last one to stop removes it unless a file was left there
+    for restart recovery. Reading the spool (``fiona status``) makes none."""
+    first, second = Spool(tmp_path, 0), Spool(tmp_path, 0)
+    first.prepare()
+    assert first.tmp_root.is_dir() and not first.tmp.exists()
+    assert first.claim_tmp() == second.claim_tmp() == tmp_path / "tmp" / str(os.getpid())
+    first.release_tmp()
+    assert second.tmp.is_dir()  # the other service still receives into it
+    second.release_tmp()
+    assert not second.tmp.exists()
+    (first.claim_tmp() / "left.dcm").write_bytes(b"x")
+    first.release_tmp()
+    assert (first.tmp / "left.dcm").read_bytes() == b"x"
 
 
 def test_free_space_floor(tmp_path: Path) -> None:
@@ -66,6 +84,7 @@ def test_a_new_file_in_a_known_folder_has_its_folder_synced_later(
     monkeypatch.setattr(spool_module, "fsync_dir", synced.append)
     spool = Spool(tmp_path / "store", 0)
     spool.prepare()
+    spool.claim_tmp()
     series = spool.instance_path("1.2", "1.2.3", "1.2.3.4").parent
 
     def received(data: bytes) -> Path:
