@@ -46,6 +46,7 @@ def test_commit_file_moves_bytes_into_place(tmp_path: Path) -> None:
     tmp.write_bytes(b"def")
     spool.commit_file(tmp, final)
     assert final.read_bytes() == b"def"
+    spool.release_tmp()
 
 
 def test_a_process_temporary_folder_lives_as_long_as_its_last_receiver(tmp_path: Path) -> None:
@@ -108,3 +109,4 @@ def test_a_new_file_in_a_known_folder_has_its_folder_synced_later(
     spool.sync_folders()
     assert synced == [series]  # nothing left
     assert (series / "2.dcm").read_bytes() == b"ccc"
+    spool.release_tmp()
