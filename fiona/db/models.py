@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -325,6 +326,8 @@ class TransferRequest(Base):
 
     __tablename__ = "transfer_requests"
     __table_args__ = (UniqueConstraint("source", "external_ref", name="uq_request_external"),)
+    # The new revision (an UPDATE's own ``revision + 1``) is read back at once (RETURNING).
+    __mapper_args__ = {"eager_defaults": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)
@@ -359,6 +362,16 @@ class TransferRequest(Base):
     """Digest of the source's fields when last read: a change there changes it."""
     external_synced_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     """When FIONA's fields were last written back (and read back) to the source."""
+    revision: Mapped[int] = mapped_column(
+        Integer, default=0, server_default="0", onupdate=text("revision + 1")
+    )
+    """Bumped by the database in every UPDATE of the row that does not set it itself.
+
+    What an external source was last given is tracked by revision, not by time: concurrent
+    passes stamp ``updated_at`` with the moment each began, so a change committed after a
+    write-back can carry an earlier (or the same) timestamp."""
+    external_synced_revision: Mapped[int | None] = mapped_column(Integer)
+    """The revision whose fields the source last kept (``None``: never written back)."""
 
 
 class CouplingEntry(Base):

@@ -379,15 +379,15 @@ class RedcapSource:
         self, exported: dict[str, Row], rejected: dict[str, str], result: SyncResult
     ) -> None:
         desired: dict[str, Row] = {}
-        versions: dict[str, tuple[int, datetime]] = {}
+        versions: dict[str, tuple[int, int]] = {}
         with self.session_factory() as session:
             pending = session.scalars(
                 select(TransferRequest)
                 .where(
                     TransferRequest.source == "redcap",
                     TransferRequest.external_ref.is_not(None),
-                    (TransferRequest.external_synced_at.is_(None))
-                    | (TransferRequest.updated_at > TransferRequest.external_synced_at),
+                    TransferRequest.external_synced_revision.is_(None)
+                    | (TransferRequest.revision != TransferRequest.external_synced_revision),
                 )
                 .order_by(TransferRequest.id)
                 .limit(500)
@@ -395,7 +395,7 @@ class RedcapSource:
             for request in pending:
                 ref = request.external_ref or ""
                 desired[ref] = self._status_row(request)
-                versions[ref] = (request.id, request.updated_at)
+                versions[ref] = (request.id, request.revision)
         for ref, reason in rejected.items():
             desired[ref] = {
                 "transfer_status": RequestStatus.FAILED.value,
@@ -444,14 +444,17 @@ class RedcapSource:
             for ref in kept:
                 if ref not in versions:
                     continue
-                request_id, updated_at = versions[ref]
+                request_id, revision = versions[ref]
+                # A change committed meanwhile has a higher revision: it stays pending. This
+                # UPDATE names ``revision`` itself, so it does not bump it.
                 session.execute(
                     update(TransferRequest)
-                    .where(
-                        TransferRequest.id == request_id,
-                        TransferRequest.updated_at == updated_at,
+                    .where(TransferRequest.id == request_id)
+                    .values(
+                        external_synced_at=now,
+                        external_synced_revision=revision,
+                        revision=TransferRequest.revision,
                     )
-                    .values(external_synced_at=now)
                 )
         result.written += len([ref for ref in kept if ref in versions])
         if lost:

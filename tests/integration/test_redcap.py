@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,31 @@ def test_requests_come_in_statuses_go_back_and_edits_are_taken(
         c for c in fake.calls_of("record", "import") if c["overwriteBehavior"] == "overwrite"
     ]
     assert overwrite, "blanks must be written with overwriteBehavior=overwrite"
+
+
+@pytest.mark.parametrize("earlier", [1.0, 0.0])
+def test_a_change_committed_after_a_write_back_goes_back_too_whatever_its_timestamp(
+    fake: FakeRedcap, services: NodeServices, tmp_path: Path, earlier: float
+) -> None:
+    """The forwarder's pass takes its time when it starts, the write-back its own when it ends:
+    a change stamped before (or at the same moment as) the last write-back but committed after
+    it must still reach REDCap — a request held then must not stay "new" there for ever."""
+    uid = generate_uid()
+    instance = fake.add_transfer(uid, transfer_project_name="BICAM", transfer_name="BICAM001")
+    redcap = source(services, fake, tmp_path)
+    pass_began = services.clock() - timedelta(seconds=earlier)
+    assert redcap.sync().written == 1
+    assert fake.transfer(uid, instance)["transfer_status"] == "new"
+    with services.session_factory() as session, session.begin():
+        request = session.scalars(select(TransferRequest)).one()
+        request.status = RequestStatus.HELD
+        request.transfer_error = "held"
+        request.transfer_error_message = "the destination is paused"
+        request.updated_at = pass_began
+    assert redcap.sync().written == 1
+    row = fake.transfer(uid, instance)
+    assert row["transfer_status"] == "held" and row["transfer_error___4"] == "1"
+    assert redcap.sync().written == 0  # and once there, it is not written again
 
 
 def test_an_edit_after_sending_began_is_refused_and_explained(
