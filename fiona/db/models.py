@@ -244,7 +244,12 @@ class Study(Base):
     study_date: Mapped[str | None] = mapped_column(String(8))
     incoming_written_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     """When the study's "Incoming" record was last written to REDCap (``requests.source:
-    redcap``); written again when it became stable after that."""
+    redcap``)."""
+    incoming_written_stable_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """The ``stable_at`` of the study as it was written there: once the study is stable again
+    (a late series), ``stable_at`` differs and the record is written again. Compared for
+    equality, not order: the sweep stamps the moment it began, which can be before (or the
+    same as) the moment the record was written."""
     routed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     """When routing last decided about the study (again when it became stable after that)."""
     retention_warned_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -327,7 +332,7 @@ class TransferRequest(Base):
     __tablename__ = "transfer_requests"
     __table_args__ = (UniqueConstraint("source", "external_ref", name="uq_request_external"),)
     # The new revision (an UPDATE's own ``revision + 1``) is read back at once (RETURNING).
-    __mapper_args__ = {"eager_defaults": True}
+    __mapper_args__ = {"eager_defaults": True}  # noqa: RUF012 (declarative reads it once)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str | None] = mapped_column(UID, index=True)

@@ -481,8 +481,8 @@ class RedcapSource:
                 select(Study)
                 .where(
                     Study.state == StudyState.STABLE,
-                    Study.incoming_written_at.is_(None)
-                    | (Study.stable_at > Study.incoming_written_at),
+                    Study.incoming_written_stable_at.is_(None)
+                    | (Study.stable_at != Study.incoming_written_stable_at),
                 )
                 .order_by(Study.id)
                 .limit(_INCOMING_BATCH)
@@ -519,8 +519,8 @@ class RedcapSource:
             for study_id, stable_at, _ in plans:
                 session.execute(
                     update(Study)
-                    .where(Study.id == study_id, Study.stable_at == stable_at)
-                    .values(incoming_written_at=now)
+                    .where(Study.id == study_id)
+                    .values(incoming_written_at=now, incoming_written_stable_at=stable_at)
                 )
         result.incoming += len(plans)
 

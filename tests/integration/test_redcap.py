@@ -326,6 +326,47 @@ def test_incoming_records_show_received_studies_and_late_series(
     assert series[3]["series_num_files"] == "3"
 
 
+def test_a_series_arriving_while_the_incoming_record_is_written_is_written_too(
+    fake: FakeRedcap, services: NodeServices, tmp_path: Path
+) -> None:
+    """A late series arrives while FIONA writes the study's Incoming record; the sweep that marks
+    the study stable again commits after that write, stamped with the same moment: the late
+    series must still reach REDCap on a later pass."""
+    files = write_study(tmp_path / "study", 1, 2)
+    late = write_study(tmp_path / "late", 1, 1)
+    uid = dcmread(files[0]).StudyInstanceUID
+    ds = dcmread(late[0])
+    ds.StudyInstanceUID = uid
+    ds.save_as(late[0], enforce_file_format=True)
+    facts = ReceiveFacts("CT01", "FIONA", "127.0.0.1", "assoc-1")
+
+    def receive(path: Path) -> None:
+        tmp = services.spool.tmp / f"{generate_uid()}.dcm"
+        shutil.copyfile(path, tmp)
+        services.ingestor.ingest(tmp, facts)
+
+    for path in files:
+        receive(path)
+    services.clock.advance(60)  # type: ignore[attr-defined]
+    sweep(services.session_factory, services.spool, services.node_key, services.clock(), 15)
+    redcap = source(services, fake, tmp_path)
+    write = redcap.client.import_records
+
+    def slow_write(rows: Any, overwrite: bool = False) -> int:
+        receive(late[0])  # the study is receiving again while REDCap is being written
+        services.clock.advance(60)  # type: ignore[attr-defined]
+        return write(rows, overwrite)
+
+    redcap.client.import_records = slow_write  # type: ignore[method-assign]
+    assert redcap.sync().incoming == 1
+    redcap.client.import_records = write  # type: ignore[method-assign]
+    assert len(fake.series(uid)) == 1
+    sweep(services.session_factory, services.spool, services.node_key, services.clock(), 15)
+    assert redcap.sync().incoming == 1
+    assert len(fake.series(uid)) == 2
+    assert redcap.sync().incoming == 0
+
+
 def test_incoming_records_can_be_turned_off(
     fake: FakeRedcap, services: NodeServices, tmp_path: Path
 ) -> None:

@@ -1,4 +1,4 @@
-"""request revisions: what REDCap was last given is tracked by revision, not by timestamp
+"""REDCap write-back by revision and Incoming records by stable moment, not by timestamp order
 
 Revision ID: 0009
 Revises: 0008
@@ -35,8 +35,26 @@ def upgrade() -> None:
         .values(external_synced_revision=0)
     )
 
+    with op.batch_alter_table("studies", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("incoming_written_stable_at", sa.DateTime(timezone=True), nullable=True)
+        )
+    studies = sa.table(
+        "studies",
+        sa.column("incoming_written_at", sa.DateTime(timezone=True)),
+        sa.column("stable_at", sa.DateTime(timezone=True)),
+        sa.column("incoming_written_stable_at", sa.DateTime(timezone=True)),
+    )
+    op.execute(
+        studies.update()
+        .where(studies.c.incoming_written_at > studies.c.stable_at)
+        .values(incoming_written_stable_at=studies.c.stable_at)
+    )
+
 
 def downgrade() -> None:
+    with op.batch_alter_table("studies", schema=None) as batch_op:
+        batch_op.drop_column("incoming_written_stable_at")
     with op.batch_alter_table("transfer_requests", schema=None) as batch_op:
         batch_op.drop_column("external_synced_revision")
         batch_op.drop_column("revision")
