@@ -27,16 +27,24 @@ import csv
 import io
 import re
 from collections.abc import Sequence
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Exists, exists, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from fiona.audit import audit_event
 from fiona.config import FionaConfig
-from fiona.db import AuditEventType, RequestStatus, Study, StudyState, TransferRequest
+from fiona.db import (
+    AuditEventType,
+    Delivery,
+    Instance,
+    RequestStatus,
+    Study,
+    StudyState,
+    TransferRequest,
+)
 from fiona.keys import keyed_hash
 
 __all__ = [
@@ -235,6 +243,26 @@ def project_hold_reason(config: FionaConfig, name: str, pseudonym: str, today: d
     return project.pseudonym_problem(pseudonym)
 
 
+LATE_WINDOW = timedelta(minutes=5)
+"""How long after a request completed its study is checked for instances it did not send
+(longer than an instance's stamp can precede its index commit)."""
+
+
+def _unsent_instance() -> Exists:
+    """Whether the request's study holds an instance it has no ledger row for, or one
+    prepared from an older version (same SOP Instance UID, other bytes)."""
+    current = exists().where(
+        Delivery.request_id == TransferRequest.id,
+        Delivery.instance_id == Instance.id,
+        Delivery.source_digest.is_(None) | (Delivery.source_digest == Instance.digest),
+    )
+    return exists().where(
+        Instance.study_id == TransferRequest.study_id,
+        Instance.file_missing.is_(False),
+        ~current,
+    )
+
+
 def activate_requests(
     session_factory: sessionmaker[Session], config: FionaConfig, node_key: bytes, now: datetime
 ) -> list[int]:
@@ -243,21 +271,26 @@ def activate_requests(
     stream = config.forwarding.stream_while_receiving
     with session_factory() as session, session.begin():
         open_requests = select(TransferRequest).where(TransferRequest.status.in_(_OPEN))
-        # Late instances: a sent request whose study received instances after it was sent
-        # (and, unless streaming, became stable again). Only instances without ledger rows
-        # will be prepared and sent. Selected in SQL: sent requests pile up over the years.
+        # Late instances: a sent request whose study received instances (new ones, or new
+        # versions of sent ones) after it was sent (and, unless streaming, became stable
+        # again). Only those are prepared and sent. Selected in SQL: sent requests pile up
+        # over the years. An instance is stamped just before its index commit, so one
+        # committed just after a request completed can carry an earlier stamp: requests
+        # completed lately are checked whatever the stamps say.
+        recent = TransferRequest.transfer_date > now - LATE_WINDOW
         late = (
             select(TransferRequest)
             .join(Study, Study.id == TransferRequest.study_id)
             .where(
                 TransferRequest.status.in_(_DONE),
                 TransferRequest.transfer_date.is_not(None),
-                (Study.last_received_at > TransferRequest.transfer_date)
+                ((Study.last_received_at > TransferRequest.transfer_date) | recent)
                 if stream
                 else (
                     (Study.state == StudyState.STABLE)
-                    & (Study.stable_at > TransferRequest.transfer_date)
+                    & ((Study.stable_at > TransferRequest.transfer_date) | recent)
                 ),
+                _unsent_instance(),
             )
         )
         if session.get_bind().dialect.name == "postgresql":

@@ -424,6 +424,10 @@ class Delivery(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     digest: Mapped[str] = mapped_column(String(64))
     """SHA-256 of the de-identified bytes (the same on every resend)."""
+    source_digest: Mapped[str | None] = mapped_column(String(64))
+    """The digest of the received instance the row was prepared from. When a replacement
+    arrives (same SOP Instance UID, other bytes) it differs from the instance's: the row is
+    prepared again and the new version sent (``None``: prepared before FIONA kept it)."""
     sop_class_uid: Mapped[str] = mapped_column(UID)
     transfer_syntax_uid: Mapped[str] = mapped_column(UID)
     new_study_instance_uid: Mapped[str] = mapped_column(UID)

@@ -5,7 +5,8 @@ Every step is a committed state change, so any process can die at any moment:
 * :func:`prepare` de-identifies each instance of a ``processing`` request once (outside any
   transaction), records the new UIDs and the digest of the de-identified bytes, and adds a
   ``PENDING`` row per destination — only for instances that have none yet, so late series add
-  rows for their new instances only.
+  rows for their new instances only; a row prepared from an older version of its instance (a
+  replacement arrived: same SOP Instance UID, other bytes) is prepared again in place.
 * :func:`claim` leases a batch of due rows of one destination (one request and series at a
   time; ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, SQLite's write lock otherwise) and counts the
   attempt. A crash leaves them ``IN_FLIGHT`` until the lease runs out; then they are due again
@@ -165,6 +166,11 @@ def prepare(
     return added
 
 
+def _stale(source_digest: str | None, digest: str) -> bool:
+    """Whether a ledger row was prepared from another version of its instance."""
+    return source_digest is not None and source_digest != digest
+
+
 def _prepare_one(
     session_factory: sessionmaker[Session],
     config: FionaConfig,
@@ -181,16 +187,29 @@ def _prepare_one(
         project = config.projects.get(request.transfer_project_name)
         destinations = project.destinations if project is not None else ()
         dropped = project.drop if project is not None else ()
-        done = {
-            (row[0], row[1])
+        # (instance, destination) -> its row: missing (a new instance), or prepared from an
+        # older version of the instance (a replacement arrived) and not being sent right now.
+        existing = {
+            (row.instance_id, row.destination): row
             for row in session.execute(
-                select(Delivery.instance_id, Delivery.destination).where(
-                    Delivery.request_id == request_id
-                )
+                select(
+                    Delivery.id,
+                    Delivery.instance_id,
+                    Delivery.destination,
+                    Delivery.source_digest,
+                    Delivery.state,
+                ).where(Delivery.request_id == request_id)
             )
         }
+
+        def wanted(instance_id: int, digest: str, name: str) -> bool:
+            row = existing.get((instance_id, name))
+            return row is None or (
+                _stale(row.source_digest, digest) and row.state != DeliveryState.IN_FLIGHT
+            )
+
         instances = [
-            (row.id, row.path, row.sop_class_uid, row.transfer_syntax_uid, row.modality)
+            (row.id, row.path, row.sop_class_uid, row.transfer_syntax_uid, row.modality, row.digest)
             for row in session.execute(
                 select(
                     Instance.id,
@@ -198,11 +217,12 @@ def _prepare_one(
                     Instance.sop_class_uid,
                     Instance.transfer_syntax_uid,
                     Instance.modality,
+                    Instance.digest,
                 )
                 .where(Instance.study_id == request.study_id, Instance.file_missing.is_(False))
                 .order_by(Instance.series_id, Instance.id)
             )
-            if any((row.id, name) not in done for name in destinations)
+            if any(wanted(row.id, row.digest, name) for name in destinations)
         ]
         session.expunge(request)
     if not instances:
@@ -222,32 +242,37 @@ def _prepare_one(
     context = request_context(settings, request)
     kept = PreparedFiles(storage)
     rows: list[Delivery] = []
+    resets: list[tuple[int, dict[str, Any]]] = []
     failures: list[str] = []
     new_study: str | None = None
-    for instance_id, rel_path, sop_class, syntax, modality in instances:
+
+    def add(instance_id: int, source_digest: str, values: dict[str, Any]) -> None:
+        """A row per destination that needs one: new, or prepared again for a new version."""
+        values = {
+            "attempts": 0, "last_status": None, "next_attempt_at": now, "lease_until": None,
+            "lease_owner": None, "acknowledged_at": None, "source_digest": source_digest,
+            "updated_at": now, **values,
+        }  # fmt: skip
+        for name in destinations:
+            if not wanted(instance_id, source_digest, name):
+                continue
+            row = existing.get((instance_id, name))
+            if row is None:
+                new = Delivery(request_id=request_id, instance_id=instance_id, destination=name,
+                               created_at=now, **values)  # fmt: skip
+                rows.append(new)
+            else:
+                resets.append((row.id, values))
+
+    for instance_id, rel_path, sop_class, syntax, modality, source_digest in instances:
         if modality in dropped:  # the project never receives it: a ledger row says so
-            rows += [
-                Delivery(
-                    request_id=request_id,
-                    instance_id=instance_id,
-                    destination=name,
-                    state=DeliveryState.SKIPPED,
-                    attempts=0,
-                    last_error_class="dropped",
-                    last_error=f"modality {modality} is not forwarded for this project",
-                    next_attempt_at=now,
-                    digest="",
-                    sop_class_uid=sop_class,
-                    transfer_syntax_uid=syntax,
-                    new_study_instance_uid="",
-                    new_series_instance_uid="",
-                    new_sop_instance_uid="",
-                    created_at=now,
-                    updated_at=now,
-                )
-                for name in destinations
-                if (instance_id, name) not in done
-            ]
+            add(instance_id, source_digest, {
+                "state": DeliveryState.SKIPPED, "last_error_class": "dropped",
+                "last_error": f"modality {modality} is not forwarded for this project",
+                "digest": "", "sop_class_uid": sop_class, "transfer_syntax_uid": syntax,
+                "new_study_instance_uid": "", "new_series_instance_uid": "",
+                "new_sop_instance_uid": "",
+            })  # fmt: skip
             continue
         outcome_error: str | None = None
         try:
@@ -268,34 +293,27 @@ def _prepare_one(
             new_study = new_study or result.study_instance_uid
         if outcome_error is not None:
             failures.append(outcome_error)
-        for name in destinations:
-            if (instance_id, name) in done:
-                continue
-            rows.append(
-                Delivery(
-                    request_id=request_id,
-                    instance_id=instance_id,
-                    destination=name,
-                    state=DeliveryState.FAILED if outcome_error else DeliveryState.PENDING,
-                    attempts=0,
-                    last_error_class=DEID_FAILED if outcome_error else None,
-                    last_error=outcome_error,
-                    next_attempt_at=now,
-                    digest=digest,
-                    sop_class_uid=sop_class,
-                    transfer_syntax_uid=syntax,
-                    new_study_instance_uid=uids[0],
-                    new_series_instance_uid=uids[1],
-                    new_sop_instance_uid=uids[2],
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
+        add(instance_id, source_digest, {
+            "state": DeliveryState.FAILED if outcome_error else DeliveryState.PENDING,
+            "last_error_class": DEID_FAILED if outcome_error else None,
+            "last_error": outcome_error, "digest": digest, "sop_class_uid": sop_class,
+            "transfer_syntax_uid": syntax, "new_study_instance_uid": uids[0],
+            "new_series_instance_uid": uids[1], "new_sop_instance_uid": uids[2],
+        })  # fmt: skip
     with session_factory() as session, session.begin():
         stored = session.get(TransferRequest, request_id)
         if stored is None or stored.status != RequestStatus.PROCESSING:
             return 0  # cancelled (or otherwise moved on) while it was being prepared
         session.add_all(rows)
+        replaced = 0
+        for delivery_id, values in resets:
+            # A row a sender claimed meanwhile is left alone: once it is recorded, it is
+            # stale, the request cannot complete, and the next pass prepares it again.
+            replaced += session.execute(  # type: ignore[attr-defined]  # a CursorResult
+                update(Delivery)
+                .where(Delivery.id == delivery_id, Delivery.state != DeliveryState.IN_FLIGHT)
+                .values(**values)
+            ).rowcount
         if stored is not None and new_study and not stored.transfer_mapped_uid:
             stored.transfer_mapped_uid = new_study
         key = study_key(node_key, request)
@@ -315,6 +333,7 @@ def _prepare_one(
                 new_study_instance_uid=new_study,
                 instances=len(instances) - len(failures),
                 failed=len(failures),
+                replaced=replaced,
                 destinations=list(destinations),
             )
         )
@@ -331,7 +350,7 @@ def _prepare_one(
                 )
             )
     _rollup(session_factory, request_id, now, node_key)
-    return len(rows)
+    return len(rows) + replaced
 
 
 def _rollup(
@@ -371,6 +390,21 @@ def _rollup(
                 )
             )
             if (prepared or 0) < (instances or 0):
+                return
+            # A replacement arrived for an instance already prepared: the next pass prepares
+            # it again and sends the new version (see _prepare_one).
+            stale = session.scalar(
+                select(func.count())
+                .select_from(Delivery)
+                .join(Instance, Instance.id == Delivery.instance_id)
+                .where(
+                    Delivery.request_id == request_id,
+                    Delivery.source_digest.is_not(None),
+                    Delivery.source_digest != Instance.digest,
+                    Instance.file_missing.is_(False),
+                )
+            )
+            if stale:
                 return
         delivered, failed = counts[DeliveryState.DELIVERED], counts[DeliveryState.FAILED]
         flags = []

@@ -284,6 +284,42 @@ def test_late_series_sends_only_the_new_instances(
         }
 
 
+def test_a_replaced_instance_flows_on_again_in_its_new_version(
+    tmp_path: Path, node_factory: Callable[..., Node]
+) -> None:
+    """The modality corrects an instance after the study was sent (same SOP Instance UID,
+    other bytes): the new version goes to the destination too, under the same new UIDs, and
+    the ledger and the audit say so."""
+    with ScriptedSCP() as scp:
+        node = node_factory({"pacs": dicom_destination(scp)})
+        files = write_study(tmp_path / "study", 1, 2)
+        node.send(files)
+        uid = dcmread(files[0]).StudyInstanceUID
+        request_id = node.request(uid)
+        node.wait_request(request_id, RequestStatus.SENT)
+        before = {row.new_sop_instance_uid: row.digest for row in node.ledger(request_id)}
+        assert len(scp.stored()) == 2
+        corrected = dcmread(files[0])
+        corrected.PixelData = bytes(len(corrected.PixelData))  # the technician re-exported it
+        corrected.save_as(tmp_path / "corrected.dcm", enforce_file_format=True)
+        node.send([tmp_path / "corrected.dcm"])
+        node.until("the new version to arrive", lambda: len(scp.stored()) == 3)
+        resent = scp.stored()[-1]
+        original = next(
+            c for c in scp.stored()[:2] if c.sop_instance_uid == resent.sop_instance_uid
+        )
+        assert resent.dataset != original.dataset
+        assert resent.dataset.endswith(corrected.PixelData)
+        request = node.wait_request(request_id, RequestStatus.SENT)
+        rows = {row.new_sop_instance_uid: row for row in node.ledger(request_id)}
+        assert len(rows) == 2 and rows[resent.sop_instance_uid].state == DeliveryState.DELIVERED
+        assert rows[resent.sop_instance_uid].digest != before[resent.sop_instance_uid]
+        assert {r.new_study_instance_uid for r in rows.values()} == {request.transfer_mapped_uid}
+        time.sleep(1.0)
+        assert len(scp.stored()) == 3  # the unchanged instance was not sent again
+        assert node.audit(AuditEventType.INSTANCE_REPLACED)
+
+
 def test_compressed_study_passes_through_or_is_decompressed_for_an_uncompressed_pacs(
     tmp_path: Path, node_factory: Callable[..., Node]
 ) -> None:
