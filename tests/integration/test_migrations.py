@@ -95,3 +95,28 @@ def test_upgrading_to_0009_keeps_what_redcap_already_has_and_redoes_the_rest(db_
         assert written[2] is None and written[1] is not None
     finally:
         engine.dispose()
+
+
+def test_upgrading_to_0010_takes_the_ledger_as_prepared_from_the_versions_held(
+    db_url: str,
+) -> None:
+    """Rows prepared before 0010 count as prepared from the instance version held at the
+    upgrade: a replacement arriving after it is noticed."""
+    engine = make_engine(db_url)
+    try:
+        upgrade(engine, "0009")
+        tables = sa.MetaData()
+        names = ["studies", "series", "instances", "transfer_requests", "deliveries"]
+        tables.reflect(engine, only=names)
+        with engine.begin() as connection:
+            for name in names:  # every id 1: each row points at the one before
+                table = tables.tables[name]
+                digest = {"digest": "ab" * 32 if name == "instances" else "cd" * 32}
+                digest = digest if "digest" in table.columns else {}
+                connection.execute(table.insert().values(_row(table, id=1, **digest)))
+        upgrade(engine)
+        with engine.connect() as connection:
+            digest = connection.scalar(sa.text("SELECT source_digest FROM deliveries"))
+        assert digest == "ab" * 32
+    finally:
+        engine.dispose()
