@@ -141,7 +141,8 @@ def serve(
     pools: list[ChildPool] = []
     if not worker and config.node.workers > 1:
         workers = config.node.workers - 1
-        pools.append(ChildPool(config.source, workers, grace, listen_fds=node.listening_fds()))
+        fds, recover = node.listening_fds(), node.recover_worker
+        pools.append(ChildPool(config.source, workers, grace, listen_fds=fds, on_exit=recover))
     if separate:
         forwarding = forwarder_pool(config.source, grace)
         node.on_stable = forwarding.notify

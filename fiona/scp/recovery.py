@@ -13,6 +13,11 @@ Run before the SCP accepts associations:
 * files under ``incoming/`` without an index row (a crash between rename and commit) are
   indexed, attributed to the pseudo-association ``recovered``;
 * index rows whose file is gone are flagged ``file_missing`` with an audit event.
+
+When a receiving worker dies while the node runs (a crash, ``kill -9``; the primary restarts
+it), :func:`recover_folder_of` does the part of this for its folder at once: a file whose
+index row was committed before the rename (the row's SOP Instance UID and SHA-256, its file
+not in place) goes into place; the rest, and the folder, are removed.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from fiona.scp.header import HeaderError, read_header
 from fiona.scp.index import IndexWriter, InstanceRecord
 from fiona.scp.spool import Spool, file_digest
 
-__all__ = ["ReconcileResult", "reconcile"]
+__all__ = ["ReconcileResult", "reconcile", "recover_folder_of"]
 
 log = get_logger(__name__)
 
@@ -149,6 +154,73 @@ def reconcile(
         unreadable=unreadable,
     )
     return result
+
+
+def recover_folder_of(
+    session_factory: sessionmaker[Session], spool: Spool, pid: int, now: datetime
+) -> tuple[int, int]:
+    """Clear the temporary folder of receiving process *pid*, which died; returns the files
+    put in place and the files removed. A process that still runs is left alone."""
+    folder = spool.tmp_root / str(pid)
+    if not folder.is_dir() or _running(pid):
+        return 0, 0
+    restored: list[str] = []
+    removed = 0
+    for top, subfolders, names in os.walk(folder, topdown=False):
+        for name in names:
+            path = Path(top) / name
+            size = os.lstat(path).st_size
+            target = _indexed_target(session_factory, spool, path) if size else None
+            if target is not None and spool.place_if_absent(path, spool.root / target):
+                restored.append(target)
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            removed += 1 if size else 0
+        for name in subfolders:
+            with contextlib.suppress(OSError):
+                (Path(top) / name).rmdir()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+    if restored:
+        with session_factory() as session, session.begin():
+            session.execute(
+                update(Instance).where(Instance.path.in_(restored)).values(file_missing=False)
+            )
+    if restored or removed:
+        with session_factory() as session, session.begin():
+            session.add(
+                audit_event(
+                    AuditEventType.SPOOL_RECONCILED,
+                    actor="fiona",
+                    occurred_at=now,
+                    process=pid,
+                    temporary_removed=removed,
+                    files_restored=restored,
+                )
+            )
+        log.warning("a receiving process died: its temporary files recovered", pid=pid,
+                    files_restored=len(restored), temporary_removed=removed)  # fmt: skip
+    return len(restored), removed
+
+
+def _indexed_target(session_factory: sessionmaker[Session], spool: Spool, path: Path) -> str | None:
+    """Where *path* belongs if an index row holds it (its SOP Instance UID and SHA-256) and
+    the row's file is not in place; else None."""
+    try:
+        header = read_header(path)
+    except HeaderError:
+        return None  # cut off mid-transfer: its sender never got a success status
+    with session_factory() as session:
+        row = session.execute(
+            select(Instance.path, Instance.digest).where(
+                Instance.sop_instance_uid == header.sop_instance_uid
+            )
+        ).one_or_none()
+    if row is None or os.path.lexists(spool.root / row.path):
+        return None
+    digest, _size = file_digest(path)
+    return str(row.path) if digest == row.digest else None
 
 
 def _leftovers(spool: Spool) -> tuple[list[tuple[Path, int]], list[Path]]:

@@ -38,7 +38,7 @@ from fiona.scp.cstore import install as install_c_store_codec
 from fiona.scp.handlers import ScpHandlers
 from fiona.scp.index import IndexWriter
 from fiona.scp.ingest import Ingestor
-from fiona.scp.recovery import reconcile
+from fiona.scp.recovery import reconcile, recover_folder_of
 from fiona.scp.spool import Spool
 from fiona.scp.stability import sweep
 
@@ -427,6 +427,13 @@ class Node:
             )
         except Exception:
             log.exception("audit chain head not readable")
+
+    def recover_worker(self, pid: int) -> None:
+        """A receiving worker died: what it had indexed but not yet renamed goes into place,
+        its other temporary files and its folder go (see :mod:`fiona.scp.recovery`)."""
+        services = self.services
+        if services is not None:
+            recover_folder_of(services.session_factory, services.spool, pid, self.clock())
 
     def _sweep(self, route: bool = False) -> None:
         services = self.services

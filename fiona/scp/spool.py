@@ -254,6 +254,24 @@ class Spool:
         except OSError as exc:
             raise self.storage_error(exc) from exc
 
+    def place_if_absent(self, path: Path, final: Path) -> bool:
+        """Move `path` to `final` durably unless a file is there already (then False, `path`
+        left alone): a recovered file never overwrites one a sender stored meanwhile."""
+        try:
+            fsync_file(path)
+            created = self._makedirs(final.parent)
+            try:
+                os.link(path, final)
+            except FileExistsError:
+                return False
+            fsync_dir(final.parent)
+            for folder in created:
+                fsync_dir(folder.parent)
+            os.unlink(path)
+        except OSError as exc:
+            raise self.storage_error(exc) from exc
+        return True
+
     def sync_folders(self) -> None:
         """fsync the folders whose renames :meth:`commit_file` left unsynced."""
         for folder in self._unsynced.take():

@@ -13,8 +13,9 @@
   of the whole node: the next start resumes from the ledger, with no sender of the old
   generation still talking to a destination.
 
-A child that exits is restarted (with a short backoff); a stop signal to the primary stops
-every child the same graceful way.
+A child that exits is restarted (with a short backoff) — a receiving worker after the
+primary has recovered its temporary folder (:func:`fiona.scp.recovery.recover_folder_of`);
+a stop signal to the primary stops every child the same graceful way.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fiona.logs import get_logger
@@ -44,6 +46,7 @@ class ChildPool:
         grace: float,
         flag: str = "--worker",
         listen_fds: tuple[int | None, int | None] = (None, None),
+        on_exit: Callable[[int], None] | None = None,
     ) -> None:
         self.config_path = config_path
         self.count = count
@@ -53,6 +56,8 @@ class ChildPool:
         self.role = flag.lstrip("-")
         self.processes: list[subprocess.Popen[bytes]] = []
         self._restart_not_before = 0.0
+        self.on_exit = on_exit
+        """Called with the id of a child that exited, before it is replaced."""
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         command = [
@@ -86,6 +91,11 @@ class ChildPool:
             if code is None or now < self._restart_not_before:
                 continue
             log.error(f"{self.role} exited; restarting", pid=process.pid, exit_status=code)
+            if self.on_exit is not None:
+                try:
+                    self.on_exit(process.pid)
+                except Exception:
+                    log.exception(f"clean-up after a {self.role} failed", pid=process.pid)
             self.processes[index] = self._spawn()
             self._restart_not_before = now + _RESTART_BACKOFF_SECONDS
 

@@ -36,7 +36,7 @@ from fiona.db.models import (
 from fiona.scp.header import InstanceHeader
 from fiona.scp.index import InstanceRecord, StoreOutcome
 from fiona.scp.ingest import ReceiveFacts, Status
-from fiona.scp.recovery import reconcile
+from fiona.scp.recovery import reconcile, recover_folder_of
 from fiona.scp.server import NodeServices, open_node_services
 from fiona.scp.spool import Spool
 from fiona.scp.stability import sweep
@@ -492,6 +492,46 @@ def test_reconcile_goes_through_the_folders_of_processes_that_stopped(  # type: 
     finally:
         running.kill()
         running.wait()
+
+
+def test_the_folder_of_a_worker_that_died_is_recovered_at_once(  # type: ignore[no-untyped-def]
+    services: NodeServices, clock, tmp_path: Path
+) -> None:
+    """A worker killed between its index commit and its rename: while the node runs on, the
+    primary puts the file in place (no restart needed), drops what was cut off, and never
+    overwrites a file a sender stored meanwhile."""
+    study, series = generate_uid(), generate_uid()
+    files = [save(make_ct(study, series, seed=n), tmp_path / f"{n}.dcm") for n in (1, 2)]
+    for path in files:
+        assert services.ingestor.ingest(put(services, path), FACTS).ok
+    finals = [
+        services.spool.instance_path(study, series, dcmread(path).SOPInstanceUID) for path in files
+    ]
+    originals = [final.read_bytes() for final in finals]
+    dead = services.spool.tmp_root / str(_pid_of_a_process_that_ended())
+    (dead / "upload-x").mkdir(parents=True)
+    os.replace(finals[0], dead / "rx-1.dcm")  # indexed, not yet renamed
+    (dead / "rx-2.dcm").write_bytes(originals[1])  # the same instance, already in place
+    (dead / "rx-3.dcm").write_bytes(originals[0][:900])  # cut off
+    (dead / "upload-x" / "a.dcm").write_bytes(b"")  # made ahead for a store that never came
+
+    restored, removed = recover_folder_of(services.session_factory, services.spool,
+                                          int(dead.name), clock())  # fmt: skip
+    assert (restored, removed) == (1, 2)
+    assert [final.read_bytes() for final in finals] == originals
+    assert not dead.exists()
+    with services.session_factory() as session:
+        (event,) = session.scalars(
+            select(AuditEvent).where(AuditEvent.event_type == AuditEventType.SPOOL_RECONCILED)
+        )
+    assert event.details["process"] == int(dead.name)
+    assert event.details["files_restored"] == [services.spool.relative(finals[0])]
+
+    # A folder of a process that runs is not touched.
+    assert recover_folder_of(services.session_factory, services.spool, os.getpid(), clock()) == (
+        0, 0
+    )  # fmt: skip
+    assert services.spool.tmp.exists()
 
 
 def _pid_of_a_process_that_ended() -> int:

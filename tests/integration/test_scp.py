@@ -531,6 +531,26 @@ def test_no_patient_identifiers_in_logs_or_audit(make_server, tmp_path: Path) ->
             assert value not in written
 
 
+def test_a_worker_killed_is_replaced_and_its_temporary_folder_recovered(make_server) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 of a receiving worker mid-transfer: the primary clears its folder at once (no
+    restart of the node), starts a new worker, and the node goes on receiving."""
+    srv = make_server(node={"workers": 2})
+    srv.start()
+    (worker,) = [entry["pid"] for entry in srv.wait_for("listening", 2) if entry["worker"]]
+    folder = srv.storage / "tmp" / str(worker)
+    assert folder.is_dir()
+    (folder / "rx-cut.dcm").write_bytes(b"\0" * 4096)  # a transfer it was receiving
+    os.kill(worker, signal.SIGKILL)
+    listening = srv.wait_for("listening", 3)
+    assert len(listening) == 3 and listening[-1]["pid"] != worker
+    (recovered,) = srv.wait_for("a receiving process died: its temporary files recovered", 1)
+    assert recovered["pid"] == worker and recovered["temporary_removed"] == 1
+    assert not folder.exists()
+    assert (srv.storage / "tmp" / str(listening[-1]["pid"])).is_dir()
+    assert not store_failures(storescu(srv.port, [sample_file("CT_small.dcm")]))
+    assert srv.stop() == 0
+
+
 def test_workers_stop_when_the_primary_is_killed(make_server) -> None:  # type: ignore[no-untyped-def]
     srv = make_server(node={"workers": 2})
     srv.start()
