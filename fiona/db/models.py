@@ -227,6 +227,8 @@ class Study(Base):
     """A study as received (original StudyInstanceUID)."""
 
     __tablename__ = "studies"
+    # Ids are never reused: index writers remember them (see migration 0011).
+    __table_args__ = {"sqlite_autoincrement": True}  # noqa: RUF012 (declarative reads it once)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
@@ -261,6 +263,7 @@ class Series(Base):
     """A series as received; its metadata file is written once it is stable."""
 
     __tablename__ = "series"
+    __table_args__ = {"sqlite_autoincrement": True}  # noqa: RUF012 (declarative reads it once)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)

@@ -334,6 +334,12 @@ class IndexWriter:
             if attempt == 1 and isinstance(exc, IntegrityError | OperationalError):
                 # Another node inserted the same study/series meanwhile (PostgreSQL
                 # shared by several receivers), or the database was busy: try once more.
+                if isinstance(exc, IntegrityError):
+                    # Or a remembered id is gone: another process deleted the study
+                    # (retention, a subject's erasure). Look the ids up again.
+                    self._study_ids.clear()
+                    self._series_ids.clear()
+                    self._touched.clear()
                 self._commit(batch, attempt=2)
                 return
             log.error("index write failed", error=type(exc).__name__, detail=str(exc)[:300])
@@ -416,7 +422,9 @@ class IndexWriter:
         """Index one instance with as few statements as possible.
 
         This runs once per received instance. In the steady state it is a lookup and an
-        insert: study and series ids are cached (rows never move), and their
+        insert: study and series ids are cached (rows never move, and ids are never reused;
+        a row another process deleted shows as a foreign-key error, after which the ids are
+        looked up again: see :meth:`_commit`), and their
         ``last_received_at`` is written at most every :data:`TOUCH_INTERVAL` seconds — the
         stability sweep allows for that slack, so a study is never declared stable early,
         and any instance arriving after it was declared stable touches (re-opens) it.

@@ -19,7 +19,7 @@ from fionatest import make_ct, sample_file, write_config
 from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.uid import generate_uid
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from fiona.config import load_config
 from fiona.db import current_revision, head_revision
@@ -286,6 +286,54 @@ def test_steady_arrivals_keep_the_study_open(services: NodeServices, clock, tmp_
     assert sweep(*args, clock(), 2).studies_stable == 1
     with services.session_factory() as session:
         assert session.scalars(select(Study.instance_count)).one() == 75
+
+
+def test_a_study_deleted_elsewhere_is_received_again(
+    services: NodeServices, tmp_path: Path
+) -> None:
+    """Retention or a subject's erasure deletes a study's rows from another process; the
+    same study sent again must be indexed anew, not fail on the ids this writer remembers."""
+    study, series = generate_uid(), generate_uid()
+    first = save(make_ct(study, series, seed=1), tmp_path / "1.dcm")
+    assert services.ingestor.ingest(put(services, first), FACTS).ok
+    with services.session_factory() as session, session.begin():
+        session.execute(delete(Instance))
+        session.execute(delete(Series))
+        session.execute(delete(Study))
+    for seed in (1, 2):  # the same instance again, and one more of the study
+        again = save(make_ct(study, series, seed=seed), tmp_path / f"again-{seed}.dcm")
+        result = services.ingestor.ingest(put(services, again), FACTS)
+        assert result.ok, result
+    with services.session_factory() as session:
+        (row,) = session.scalars(select(Study))
+        assert row.study_instance_uid == study
+        assert session.scalar(select(func.count()).select_from(Instance)) == 2
+
+
+def test_a_deleted_studys_row_id_is_never_given_to_another_study(
+    services: NodeServices, tmp_path: Path
+) -> None:
+    """A writer that remembers a deleted study's row id must not file that study's instances
+    under another study that got the same id (SQLite reuses the largest rowid by default)."""
+    deleted, other = generate_uid(), generate_uid()
+    series = {uid: generate_uid() for uid in (deleted, other)}
+    first = save(make_ct(deleted, series[deleted], seed=1), tmp_path / "1.dcm")
+    assert services.ingestor.ingest(put(services, first), FACTS).ok
+    with services.session_factory() as session, session.begin():  # retention, elsewhere
+        session.execute(delete(Instance))
+        session.execute(delete(Series))
+        session.execute(delete(Study))
+    newcomer = save(make_ct(other, series[other], seed=3), tmp_path / "3.dcm")
+    assert services.ingestor.ingest(put(services, newcomer), FACTS).ok
+    again = save(make_ct(deleted, series[deleted], seed=2), tmp_path / "2.dcm")
+    assert services.ingestor.ingest(put(services, again), FACTS).ok
+    with services.session_factory() as session:
+        studies = {row.id: row.study_instance_uid for row in session.scalars(select(Study))}
+        filed = {
+            dcmread(services.spool.root / row.path).StudyInstanceUID: studies[row.study_id]
+            for row in session.scalars(select(Instance))
+        }
+    assert filed == {deleted: deleted, other: other}
 
 
 def test_reconcile_after_a_crash(services: NodeServices, clock, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

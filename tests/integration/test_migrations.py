@@ -38,6 +38,8 @@ def _row(table: sa.Table, **values: Any) -> dict[str, Any]:
     for column in table.columns:
         if column.name in row or column.nullable or column.server_default is not None:
             continue
+        if column.primary_key and isinstance(column.type, sa.Integer):
+            continue  # the database numbers the row
         row[column.name] = next(v for t, v in plain.items() if isinstance(column.type, t))
     return row
 
@@ -118,5 +120,42 @@ def test_upgrading_to_0010_takes_the_ledger_as_prepared_from_the_versions_held(
         with engine.connect() as connection:
             digest = connection.scalar(sa.text("SELECT source_digest FROM deliveries"))
         assert digest == "ab" * 32
+    finally:
+        engine.dispose()
+
+
+def test_upgrading_to_0011_keeps_every_row_and_never_reuses_a_study_id(db_url: str) -> None:
+    """0011 rebuilds the studies and series tables on SQLite (other tables point at them):
+    the rows and their ids stay, and the id of a deleted study is not given out again."""
+    engine = make_engine(db_url)
+    try:
+        upgrade(engine, "0010")
+        tables = sa.MetaData()
+        names = ["studies", "series", "instances"]
+        tables.reflect(engine, only=names)
+        studies = tables.tables["studies"]
+        with engine.begin() as connection:
+            for id_ in (1, 2):  # each series and instance points at the same id's study
+                own = {
+                    "studies": {"study_instance_uid": f"1.2.{id_}"},
+                    "series": {"study_id": id_, "series_instance_uid": f"1.3.{id_}"},
+                    "instances": {"study_id": id_, "series_id": id_,
+                                  "sop_instance_uid": f"1.4.{id_}", "path": f"{id_}.dcm"},
+                }  # fmt: skip
+                for name in names:
+                    table = tables.tables[name]
+                    connection.execute(table.insert().values(_row(table, id=id_, **own[name])))
+        upgrade(engine)
+        with engine.begin() as connection:
+            kept = connection.execute(sa.text("SELECT id, study_id FROM instances")).all()
+            assert sorted(kept) == [(1, 1), (2, 2)]
+            if engine.dialect.name != "sqlite":
+                return  # PostgreSQL: a sequence, which never gives an id twice
+            for name in reversed(names):
+                connection.execute(sa.text(f"DELETE FROM {name} WHERE id = 2"))
+            new = connection.execute(
+                studies.insert().values(_row(studies, study_instance_uid="1.2.3"))
+            ).inserted_primary_key
+        assert new is not None and new[0] == 3
     finally:
         engine.dispose()
