@@ -17,7 +17,7 @@ it. :func:`apply_retention` runs hourly in ``fiona serve``'s primary process.
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 from datetime import datetime, timedelta
 
 import structlog
@@ -122,6 +122,10 @@ def _delete(
             return False  # a request came, or new instances: keep it
         uid = study.study_instance_uid
         instances = study.instance_count
+        paths = session.scalars(select(Instance.path).where(Instance.study_id == study_id)).all()
+        series_uids = session.scalars(
+            select(Series.series_instance_uid).where(Series.study_id == study_id)
+        ).all()
         session.execute(delete(Instance).where(Instance.study_id == study_id))
         session.execute(delete(Series).where(Series.study_id == study_id))
         session.delete(study)
@@ -136,8 +140,17 @@ def _delete(
                 last_received_at=study.last_received_at.isoformat(),
             )
         )
-        # The files go inside the transaction: if removing them fails, the rows stay.
+        # The files go inside the transaction: if removing them fails, the rows stay. Only
+        # the files of these rows: an instance of the study stored this very moment (its row
+        # not committed yet) keeps its file, and its folders.
+        for path in paths:
+            (spool.root / path).unlink(missing_ok=True)
+        for series_uid in series_uids:
+            spool.series_metadata_path(uid, series_uid).unlink(missing_ok=True)
         folder = spool.incoming / uid
-        if folder.exists():
-            shutil.rmtree(folder)
+        for series_folder in (folder / series_uid for series_uid in series_uids):
+            with contextlib.suppress(OSError):  # gone, or holds a newcomer
+                series_folder.rmdir()
+        with contextlib.suppress(OSError):
+            folder.rmdir()
     return True

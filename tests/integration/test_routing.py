@@ -20,6 +20,7 @@ from forwarding import Node, dicom_destination
 from peers import Orthanc, ScriptedSCP
 from pydicom import config as pydicom_config
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from fiona.config import FionaConfig
@@ -342,7 +343,15 @@ def test_retention_warns_then_deletes_only_studies_nobody_asked_for(
     assert run() == (0, 0)  # day 29: still kept
     assert (services.spool.incoming / orphan).is_dir()
     clock.advance(2 * 86400)  # type: ignore[attr-defined]
+    with services.session_factory() as session:
+        orphan_files = [
+            services.spool.root / path
+            for path in session.scalars(
+                select(Instance.path).join(Study).where(Study.study_instance_uid == orphan)
+            )
+        ]
     assert run() == (0, 1)  # day 31 and 7 days since the warning: deleted
+    assert orphan_files and not any(path.exists() for path in orphan_files)
     assert not (services.spool.incoming / orphan).exists()
     assert (services.spool.incoming / asked).is_dir()  # a request named it: kept
     with services.session_factory() as session:
@@ -350,3 +359,41 @@ def test_retention_warns_then_deletes_only_studies_nobody_asked_for(
         assert left == [asked]
         assert len(session.scalars(select(Instance)).all()) == 2  # the orphan's rows are gone
     assert audited(AuditEventType.RETENTION_DELETED) == 1
+
+
+def test_retention_leaves_an_instance_stored_while_it_deletes(
+    services: NodeServices, tmp_path: Path
+) -> None:
+    """An instance of the study renamed into place while retention deletes it (its index
+    row is committed after) keeps its file: only the files of the deleted rows go."""
+    config = FionaConfig.model_validate(
+        {
+            "storage": {"path": str(services.spool.root)},
+            "routing": {"unassigned_retention_days": 2, "retention_warning_days": 1},
+        }
+    )
+    files = write_study(tmp_path / "study", 1, 2)
+    uid = dcmread(files[0]).StudyInstanceUID
+    for path in files:
+        tmp = services.spool.tmp / path.name
+        shutil.copyfile(path, tmp)
+        services.ingestor.ingest(tmp, ReceiveFacts("CT01", "FIONA", "127.0.0.1", "assoc-1"))
+    services.clock.advance(60)  # type: ignore[attr-defined]
+    sweep(services.session_factory, services.spool, services.node_key, services.clock(), 15)
+
+    def run() -> int:
+        result = apply_retention(services.session_factory, services.spool, config,
+                                 services.node_key, services.clock())  # fmt: skip
+        return result.deleted
+
+    services.clock.advance(3 * 86400)  # type: ignore[attr-defined]
+    assert run() == 0  # announced
+    services.clock.advance(86400)  # type: ignore[attr-defined]
+    newcomer = services.spool.instance_path(uid, generate_uid(), generate_uid())
+    newcomer.parent.mkdir(parents=True)
+    newcomer.write_bytes(files[0].read_bytes())  # renamed in; its row not committed yet
+    assert run() == 1
+    assert newcomer.exists()
+    assert sorted(p.name for p in (services.spool.incoming / uid).rglob("*")) == sorted(
+        [newcomer.parent.name, newcomer.name]
+    )
