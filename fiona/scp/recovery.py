@@ -182,13 +182,12 @@ def recover_folder_of(
                 (Path(top) / name).rmdir()
     with contextlib.suppress(OSError):
         folder.rmdir()
-    if restored:
-        with session_factory() as session, session.begin():
-            session.execute(
-                update(Instance).where(Instance.path.in_(restored)).values(file_missing=False)
-            )
     if restored or removed:
         with session_factory() as session, session.begin():
+            if restored:
+                session.execute(
+                    update(Instance).where(Instance.path.in_(restored)).values(file_missing=False)
+                )
             session.add(
                 audit_event(
                     AuditEventType.SPOOL_RECONCILED,
