@@ -276,8 +276,9 @@ def activate_requests(
         # again). Only those are prepared and sent. Selected in SQL: sent requests pile up
         # over the years. An instance is stamped just before its index commit, so one
         # committed just after a request completed can carry an earlier stamp: requests
-        # completed lately are checked whatever the stamps say.
-        recent = TransferRequest.transfer_date > now - LATE_WINDOW
+        # completed lately are checked whatever the stamps say — if their study was re-opened
+        # (such an instance re-opens it; most studies never are, which keeps this cheap).
+        recent = (TransferRequest.transfer_date > now - LATE_WINDOW) & (Study.reopened_count > 0)
         late = (
             select(TransferRequest)
             .join(Study, Study.id == TransferRequest.study_id)
