@@ -9,7 +9,8 @@ Run before the SCP accepts associations:
   senders never got a success status, so they still hold the data and will send it again —
   and so are the emptied folders of the processes that left them. The folder of a process
   that still runs (a ``fiona import`` beside the restart, a worker of the stopped node not
-  yet gone) is left alone: its files are in use;
+  yet gone) is left alone: its files are in use — unless that process started after the
+  folder last changed (after a reboot a process id can be another process's);
 * files under ``incoming/`` without an index row (a crash between rename and commit) are
   indexed, attributed to the pseudo-association ``recovered``;
 * index rows whose file is gone are flagged ``file_missing`` with an audit event.
@@ -69,7 +70,11 @@ def reconcile(
     known = {path: flagged for path, flagged, _digest in rows}
     on_disk = {spool.relative(path) for path in spool.incoming.glob("*/*/*.dcm")}
     absent = {  # the SHA-256 of each row whose file is not where the row says -> its path
-        digest: path for path, flagged, digest in rows if not flagged and path not in on_disk
+        # (flagged ones too: a file kept under its temporary name by a process that looked
+        # running at an earlier start is restored now)
+        digest: path
+        for path, _flagged, digest in rows
+        if path not in on_disk
     }
     leftovers, folders = _leftovers(spool)
     restored = _restore_renames(spool, absent, leftovers)
@@ -162,7 +167,7 @@ def recover_folder_of(
     """Clear the temporary folder of receiving process *pid*, which died; returns the files
     put in place and the files removed. A process that still runs is left alone."""
     folder = spool.tmp_root / str(pid)
-    if not folder.is_dir() or _running(pid):
+    if not folder.is_dir() or _running(pid, folder):
         return 0, 0
     restored: list[str] = []
     removed = 0
@@ -234,7 +239,7 @@ def _leftovers(spool: Spool) -> tuple[list[tuple[Path, int]], list[Path]]:
         if not entry.is_dir(follow_symlinks=False):
             files.append((path, entry.stat().st_size))
             continue
-        if path != own and entry.name.isdigit() and _running(int(entry.name)):
+        if path != own and entry.name.isdigit() and _running(int(entry.name), path):
             continue
         for top, subfolders, names in os.walk(path, topdown=False):
             files.extend((Path(top) / name, os.lstat(Path(top) / name).st_size) for name in names)
@@ -244,15 +249,46 @@ def _leftovers(spool: Spool) -> tuple[list[tuple[Path, int]], list[Path]]:
     return files, folders
 
 
-def _running(pid: int) -> bool:
-    """Whether a process with this id runs (its temporary folder is in use)."""
+def _running(pid: int, folder: Path | None = None) -> bool:
+    """Whether the process that made *folder*, ``tmp/<pid>``, still runs (its files are in use).
+
+    After a reboot another process may have the id: a process that started after the folder
+    was last changed did not make it (a folder's modification time only grows while its
+    process adds and removes files), and the folder is treated as a stopped one's.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # someone else's
-    return True
+        pass  # someone else's process: it runs
+    if folder is None:
+        return True
+    started = _start_time(pid)
+    try:
+        changed = folder.stat().st_mtime
+    except OSError:
+        return True
+    return started is None or started <= changed + 1.0
+
+
+def _start_time(pid: int) -> float | None:
+    """When process *pid* started (seconds since the epoch; Linux ``/proc``), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    # Field 22 (starttime, in clock ticks since boot) counts from after the ")" of the name.
+    fields = stat.rsplit(")", 1)[-1].split()
+    try:
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError, OSError):
+        return None
 
 
 def _restore_renames(

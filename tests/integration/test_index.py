@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +20,7 @@ from fionatest import make_ct, sample_file, write_config
 from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.uid import generate_uid
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 
 from fiona.config import load_config
 from fiona.db import current_revision, head_revision
@@ -537,6 +538,46 @@ def test_reconcile_goes_through_the_folders_of_processes_that_stopped(  # type: 
         assert sorted(p.name for p in services.spool.tmp_root.iterdir()) == sorted(
             [str(os.getpid()), str(running.pid)]
         )
+    finally:
+        running.kill()
+        running.wait()
+
+
+def test_a_folder_left_before_a_reboot_is_recovered_though_its_pid_is_taken_again(  # type: ignore[no-untyped-def]
+    services: NodeServices, clock, tmp_path: Path
+) -> None:
+    """After a power failure and reboot another process may run under the id of a worker of
+    the old boot: its folder, last changed before that process started, is recovered all the
+    same — and a row an earlier start flagged missing gets its file back."""
+    study, series = generate_uid(), generate_uid()
+    files = [save(make_ct(study, series, seed=n), tmp_path / f"{n}.dcm") for n in (1, 2)]
+    for path in files:
+        assert services.ingestor.ingest(put(services, path), FACTS).ok
+    finals = [
+        services.spool.instance_path(study, series, dcmread(path).SOPInstanceUID) for path in files
+    ]
+    originals = [final.read_bytes() for final in finals]
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        old = services.spool.tmp_root / str(running.pid)  # the old boot's worker's folder
+        old.mkdir()
+        os.replace(finals[0], old / "rx-1.dcm")  # renames the power failure took
+        os.replace(finals[1], old / "rx-2.dcm")
+        with services.session_factory() as session, session.begin():  # an earlier start
+            session.execute(
+                update(Instance)
+                .where(Instance.path == services.spool.relative(finals[1]))
+                .values(file_missing=True)
+            )
+        before_boot = time.time() - 3600
+        os.utime(old, (before_boot, before_boot))
+
+        result = reconcile(services.session_factory, services.spool, services.writer, clock())
+        assert result.files_restored == 2
+        assert [final.read_bytes() for final in finals] == originals
+        assert not old.exists()
+        with services.session_factory() as session:
+            assert not any(session.scalars(select(Instance.file_missing)))
     finally:
         running.kill()
         running.wait()
