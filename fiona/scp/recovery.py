@@ -18,7 +18,9 @@ Run before the SCP accepts associations:
 When a receiving worker dies while the node runs (a crash, ``kill -9``; the primary restarts
 it), :func:`recover_folder_of` does the part of this for its folder at once: a file whose
 index row was committed before the rename (the row's SOP Instance UID and SHA-256, its file
-not in place) goes into place; the rest, and the folder, are removed.
+not in place) goes into place; the rest, and the folder, are removed. Every minute the
+primary does the same for any other stopped process's folder (:func:`recover_stopped_folders`:
+a ``fiona import`` cut off).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from fiona.scp.header import HeaderError, read_header
 from fiona.scp.index import IndexWriter, InstanceRecord
 from fiona.scp.spool import Spool, file_digest
 
-__all__ = ["ReconcileResult", "reconcile", "recover_folder_of"]
+__all__ = ["ReconcileResult", "reconcile", "recover_folder_of", "recover_stopped_folders"]
 
 log = get_logger(__name__)
 
@@ -206,6 +208,25 @@ def recover_folder_of(
         log.warning("a receiving process died: its temporary files recovered", pid=pid,
                     files_restored=len(restored), temporary_removed=removed)  # fmt: skip
     return len(restored), removed
+
+
+def recover_stopped_folders(
+    session_factory: sessionmaker[Session], spool: Spool, now: datetime
+) -> int:
+    """:func:`recover_folder_of` for every process folder in ``tmp/`` whose process has
+    stopped — a ``fiona import`` cut off, a worker of this node that died — while the node
+    runs on; returns how many folders there were."""
+    stopped = [
+        int(entry.name)
+        for entry in os.scandir(spool.tmp_root)
+        if entry.is_dir(follow_symlinks=False)
+        and entry.name.isdigit()
+        and int(entry.name) != os.getpid()
+        and not _running(int(entry.name), Path(entry.path))
+    ]
+    for pid in stopped:
+        recover_folder_of(session_factory, spool, pid, now)
+    return len(stopped)
 
 
 def _indexed_target(session_factory: sessionmaker[Session], spool: Spool, path: Path) -> str | None:

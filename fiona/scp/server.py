@@ -38,7 +38,7 @@ from fiona.scp.cstore import install as install_c_store_codec
 from fiona.scp.handlers import ScpHandlers
 from fiona.scp.index import IndexWriter
 from fiona.scp.ingest import Ingestor
-from fiona.scp.recovery import reconcile, recover_folder_of
+from fiona.scp.recovery import reconcile, recover_folder_of, recover_stopped_folders
 from fiona.scp.spool import Spool
 from fiona.scp.stability import sweep
 
@@ -51,6 +51,10 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
+
+STOPPED_FOLDERS_SECONDS = 60.0
+"""How often the primary looks for temporary folders of processes that stopped (a `fiona
+import` cut off) and recovers them (see :mod:`fiona.scp.recovery`)."""
 
 
 def abort_association(assoc: Any) -> None:
@@ -350,6 +354,14 @@ class Node:
         self._scheduler.add_job(
             self._log_audit_head, "interval", hours=1, coalesce=True, id="audit-chain-head"
         )
+        self._scheduler.add_job(
+            self._recover_stopped,
+            "interval",
+            seconds=STOPPED_FOLDERS_SECONDS,
+            max_instances=1,
+            coalesce=True,
+            id="stopped-process-folders",
+        )
         if config.routing.unassigned_retention_days is not None:
             self._scheduler.add_job(
                 self._retention,
@@ -396,6 +408,15 @@ class Node:
             ]
         ).result()
         log.info("routing rules loaded", source=rules.source, rules=len(rules.rules))
+
+    def _recover_stopped(self) -> None:
+        services = self.services
+        if services is None:
+            return
+        try:
+            recover_stopped_folders(services.session_factory, services.spool, self.clock())
+        except Exception:
+            log.exception("recovery of a stopped process's temporary folder failed")
 
     def _retention(self) -> None:
         services = self.services

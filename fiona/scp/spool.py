@@ -181,6 +181,9 @@ class Spool:
         folder = self.tmp
         with _TMP_LOCK:
             folder.mkdir(parents=True, exist_ok=True)
+            # Changed now, after this process started: it is this process's from here on,
+            # even if a process of an earlier boot with the same id left it (recovery).
+            os.utime(folder)
             _TMP_USERS[folder] += 1
         return folder
 

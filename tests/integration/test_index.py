@@ -37,7 +37,7 @@ from fiona.db.models import (
 from fiona.scp.header import InstanceHeader
 from fiona.scp.index import InstanceRecord, StoreOutcome
 from fiona.scp.ingest import ReceiveFacts, Status
-from fiona.scp.recovery import reconcile, recover_folder_of
+from fiona.scp.recovery import reconcile, recover_folder_of, recover_stopped_folders
 from fiona.scp.server import NodeServices, open_node_services
 from fiona.scp.spool import Spool
 from fiona.scp.stability import sweep
@@ -621,6 +621,27 @@ def test_the_folder_of_a_worker_that_died_is_recovered_at_once(  # type: ignore[
         0, 0
     )  # fmt: skip
     assert services.spool.tmp.exists()
+
+
+def test_folders_of_processes_that_stopped_are_recovered_while_the_node_runs(  # type: ignore[no-untyped-def]
+    services: NodeServices, clock
+) -> None:
+    """The primary's minute job: a `fiona import` killed mid-way leaves its folder; it is
+    cleared without a restart. Running processes' folders, this one's included, stay."""
+    stopped = services.spool.tmp_root / str(_pid_of_a_process_that_ended())
+    stopped.mkdir()
+    (stopped / "rx-1.dcm").write_bytes(b"\0" * 600)  # cut off
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        busy = services.spool.tmp_root / str(running.pid)
+        busy.mkdir()
+        (busy / "rx-2.dcm").write_bytes(b"\0" * 700)
+        assert recover_stopped_folders(services.session_factory, services.spool, clock()) == 1
+        assert not stopped.exists()
+        assert (busy / "rx-2.dcm").exists() and services.spool.tmp.exists()
+    finally:
+        running.kill()
+        running.wait()
 
 
 def _pid_of_a_process_that_ended() -> int:
