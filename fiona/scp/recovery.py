@@ -81,17 +81,7 @@ def reconcile(
     leftovers, folders = _leftovers(spool)
     restored = _restore_renames(spool, absent, leftovers)
     on_disk.update(restored)
-    removed = 0
-    for path, size in leftovers:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            continue  # moved into place above
-        if size:  # empty: a file made ahead for a store that never came
-            removed += 1
-    for folder in folders:  # deepest first
-        with contextlib.suppress(OSError):  # not empty: something else put a file there
-            folder.rmdir()
+    removed = _remove(leftovers, folders)
 
     indexed = unreadable = 0
     for relative in sorted(on_disk):
@@ -171,24 +161,40 @@ def recover_folder_of(
     folder = spool.tmp_root / str(pid)
     if not folder.is_dir() or _running(pid, folder):
         return 0, 0
-    restored: list[str] = []
-    removed = 0
-    for top, subfolders, names in os.walk(folder, topdown=False):
-        for name in names:
-            path = Path(top) / name
-            size = os.lstat(path).st_size
-            target = _indexed_target(session_factory, spool, path) if size else None
-            if target is not None and spool.place_if_absent(path, spool.root / target):
-                restored.append(target)
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            removed += 1 if size else 0
-        for name in subfolders:
-            with contextlib.suppress(OSError):
-                (Path(top) / name).rmdir()
-    with contextlib.suppress(OSError):
-        folder.rmdir()
+    return _recover_folder(session_factory, spool, pid, folder, now)
+
+
+def recover_stopped_folders(
+    session_factory: sessionmaker[Session], spool: Spool, now: datetime
+) -> int:
+    """:func:`recover_folder_of` for every process folder in ``tmp/`` whose process has
+    stopped — a ``fiona import`` cut off, a worker of this node that died — while the node
+    runs on; returns how many folders there were."""
+    stopped = [
+        (int(entry.name), Path(entry.path))
+        for entry in os.scandir(spool.tmp_root)
+        if entry.is_dir(follow_symlinks=False)
+        and entry.name.isdigit()
+        and int(entry.name) != os.getpid()
+        and not _running(int(entry.name), Path(entry.path))
+    ]
+    for pid, folder in stopped:
+        _recover_folder(session_factory, spool, pid, folder, now)
+    return len(stopped)
+
+
+def _recover_folder(
+    session_factory: sessionmaker[Session], spool: Spool, pid: int, folder: Path, now: datetime
+) -> tuple[int, int]:
+    files, folders = _contents(folder)
+    restored = [
+        target
+        for path, size in files
+        if size
+        and (target := _indexed_target(session_factory, spool, path)) is not None
+        and spool.place_if_absent(path, spool.root / target)
+    ]
+    removed = _remove(files, [*folders, folder])
     if restored or removed:
         with session_factory() as session, session.begin():
             if restored:
@@ -208,25 +214,6 @@ def recover_folder_of(
         log.warning("a receiving process died: its temporary files recovered", pid=pid,
                     files_restored=len(restored), temporary_removed=removed)  # fmt: skip
     return len(restored), removed
-
-
-def recover_stopped_folders(
-    session_factory: sessionmaker[Session], spool: Spool, now: datetime
-) -> int:
-    """:func:`recover_folder_of` for every process folder in ``tmp/`` whose process has
-    stopped — a ``fiona import`` cut off, a worker of this node that died — while the node
-    runs on; returns how many folders there were."""
-    stopped = [
-        int(entry.name)
-        for entry in os.scandir(spool.tmp_root)
-        if entry.is_dir(follow_symlinks=False)
-        and entry.name.isdigit()
-        and int(entry.name) != os.getpid()
-        and not _running(int(entry.name), Path(entry.path))
-    ]
-    for pid in stopped:
-        recover_folder_of(session_factory, spool, pid, now)
-    return len(stopped)
 
 
 def _indexed_target(session_factory: sessionmaker[Session], spool: Spool, path: Path) -> str | None:
@@ -262,12 +249,39 @@ def _leftovers(spool: Spool) -> tuple[list[tuple[Path, int]], list[Path]]:
             continue
         if path != own and entry.name.isdigit() and _running(int(entry.name), path):
             continue
-        for top, subfolders, names in os.walk(path, topdown=False):
-            files.extend((Path(top) / name, os.lstat(Path(top) / name).st_size) for name in names)
-            folders.extend(Path(top) / name for name in subfolders)
+        inside, subfolders = _contents(path)
+        files += inside
+        folders += subfolders
         if path != own:
             folders.append(path)
     return files, folders
+
+
+def _contents(folder: Path) -> tuple[list[tuple[Path, int]], list[Path]]:
+    """The files under *folder* (with their sizes) and its subfolders, deepest first."""
+    files: list[tuple[Path, int]] = []
+    folders: list[Path] = []
+    for top, subfolders, names in os.walk(folder, topdown=False):
+        files.extend((Path(top) / name, os.lstat(Path(top) / name).st_size) for name in names)
+        folders.extend(Path(top) / name for name in subfolders)
+    return files, folders
+
+
+def _remove(files: list[tuple[Path, int]], folders: list[Path]) -> int:
+    """Delete *files* and then *folders* (deepest first; one that is not empty stays): the
+    number of files with content removed."""
+    removed = 0
+    for path, size in files:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue  # moved into place
+        if size:  # empty: a file made ahead for a store that never came
+            removed += 1
+    for folder in folders:
+        with contextlib.suppress(OSError):  # not empty: something else put a file there
+            folder.rmdir()
+    return removed
 
 
 def _running(pid: int, folder: Path | None = None) -> bool:

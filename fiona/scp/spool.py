@@ -21,8 +21,8 @@ Temporary folders: each process that receives (``node.workers``, ``fiona import`
 its temporary files in a folder of its own, ``tmp/<pid>``. Creating a file holds its
 folder's lock for the whole inode search, and a rename out of it takes the lock again; two
 workers sharing one ``tmp/`` spun on that lock for each other (BENCHMARKS.md). A process
-removes its folder when it stops; restart recovery goes through the folders of processes
-that no longer run.
+removes its folder when it stops; restart recovery, and the primary every minute, go
+through the folders of processes that no longer run.
 
 Page cache: on a node that forwards nothing, a received file's pages leave the page cache
 once it is on disk (:func:`release_pages`). Nothing reads it again soon; keeping gigabytes
@@ -111,6 +111,14 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sync_entry(path: Path, created: list[Path]) -> None:
+    """Make a new name durable: fsync its folder, and the parent of each folder just created
+    for it (``created``, as :meth:`Spool._makedirs` returns them)."""
+    fsync_dir(path.parent)
+    for folder in created:
+        fsync_dir(folder.parent)
 
 
 def write_json_atomic(path: Path, content: Any) -> None:
@@ -251,9 +259,7 @@ class Spool:
             if defer:
                 self._unsynced.add(final.parent)
                 return
-            fsync_dir(final.parent)
-            for folder in created:
-                fsync_dir(folder.parent)
+            _sync_entry(final, created)
         except OSError as exc:
             raise self.storage_error(exc) from exc
 
@@ -267,9 +273,7 @@ class Spool:
                 os.link(path, final)
             except FileExistsError:
                 return False
-            fsync_dir(final.parent)
-            for folder in created:
-                fsync_dir(folder.parent)
+            _sync_entry(final, created)
             os.unlink(path)
         except OSError as exc:
             raise self.storage_error(exc) from exc

@@ -549,14 +549,7 @@ def test_a_folder_left_before_a_reboot_is_recovered_though_its_pid_is_taken_agai
     """After a power failure and reboot another process may run under the id of a worker of
     the old boot: its folder, last changed before that process started, is recovered all the
     same — and a row an earlier start flagged missing gets its file back."""
-    study, series = generate_uid(), generate_uid()
-    files = [save(make_ct(study, series, seed=n), tmp_path / f"{n}.dcm") for n in (1, 2)]
-    for path in files:
-        assert services.ingestor.ingest(put(services, path), FACTS).ok
-    finals = [
-        services.spool.instance_path(study, series, dcmread(path).SOPInstanceUID) for path in files
-    ]
-    originals = [final.read_bytes() for final in finals]
+    finals, originals = _two_stored(services, tmp_path)
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         old = services.spool.tmp_root / str(running.pid)  # the old boot's worker's folder
@@ -589,14 +582,7 @@ def test_the_folder_of_a_worker_that_died_is_recovered_at_once(  # type: ignore[
     """A worker killed between its index commit and its rename: while the node runs on, the
     primary puts the file in place (no restart needed), drops what was cut off, and never
     overwrites a file a sender stored meanwhile."""
-    study, series = generate_uid(), generate_uid()
-    files = [save(make_ct(study, series, seed=n), tmp_path / f"{n}.dcm") for n in (1, 2)]
-    for path in files:
-        assert services.ingestor.ingest(put(services, path), FACTS).ok
-    finals = [
-        services.spool.instance_path(study, series, dcmread(path).SOPInstanceUID) for path in files
-    ]
-    originals = [final.read_bytes() for final in finals]
+    finals, originals = _two_stored(services, tmp_path)
     dead = services.spool.tmp_root / str(_pid_of_a_process_that_ended())
     (dead / "upload-x").mkdir(parents=True)
     os.replace(finals[0], dead / "rx-1.dcm")  # indexed, not yet renamed
@@ -642,6 +628,18 @@ def test_folders_of_processes_that_stopped_are_recovered_while_the_node_runs(  #
     finally:
         running.kill()
         running.wait()
+
+
+def _two_stored(services: NodeServices, tmp_path: Path) -> tuple[list[Path], list[bytes]]:
+    """Two instances of one series received: their files in place, and their bytes."""
+    study, series = generate_uid(), generate_uid()
+    files = [save(make_ct(study, series, seed=n), tmp_path / f"{n}.dcm") for n in (1, 2)]
+    for path in files:
+        assert services.ingestor.ingest(put(services, path), FACTS).ok
+    finals = [
+        services.spool.instance_path(study, series, dcmread(path).SOPInstanceUID) for path in files
+    ]
+    return finals, [final.read_bytes() for final in finals]
 
 
 def _pid_of_a_process_that_ended() -> int:
