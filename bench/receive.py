@@ -19,6 +19,17 @@ Usage::
     python bench/receive.py --count 2000 --rounds 3 --parallel 2 --json bench/out/p2.json
     python bench/receive.py --targets fiona --rounds 1 --hold   # for py-spy --pid
     python bench/receive.py --targets fiona --fiona-rev HEAD~1 --rounds 6   # A/B two commits
+    python bench/receive.py --scaling --rounds 3   # 1 association on 1 CPU vs N on N CPUs
+    python bench/receive.py --object-mb 1500 --rounds 1   # one 1.5 GB multi-frame instance
+
+With ``--scaling`` every target runs twice per round: confined (with the senders) to one CPU
+with one association, and on all N CPUs of the benchmark's affinity with N associations (and
+N FIONA workers). The gain N-on-N over 1-on-1 is how a server scales with cores when the
+senders share the machine: on a two-core machine one association alone already keeps about
+one core busy between FIONA and storescu, so "two associations over one" cannot double.
+
+With ``--object-mb`` the corpus is one multi-frame instance of that size (cached in
+``bench/out/large``): the peak RSS column shows which servers hold a whole object in memory.
 
 With ``--fiona-rev`` the tree and the other revision are two targets of the same rounds, in
 alternating order (round 1: tree first, round 2: the revision first, …): the machine drifts
@@ -134,6 +145,55 @@ def clear_scratch(scratch: Path) -> None:
 
 
 # -- corpus -----------------------------------------------------------------------------
+
+
+def make_large_object(folder: Path, megabytes: int) -> Path:
+    """Create (or reuse) one multi-frame CT instance of about `megabytes` MB of pixel data."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import (
+        ExplicitVRLittleEndian,
+        MultiFrameTrueColorSecondaryCaptureImageStorage,
+        generate_uid,
+    )
+
+    path = folder / f"multiframe-{megabytes}MB.dcm"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"generating a {megabytes} MB multi-frame instance in {path} ...", file=sys.stderr)
+    frame = np.random.default_rng(20240601).integers(0, 256, size=(512, 512, 3), dtype=np.uint8)
+    frames = max(1, megabytes * 2**20 // frame.nbytes)
+    sop_uid = generate_uid("2.25.")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MultiFrameTrueColorSecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = MultiFrameTrueColorSecondaryCaptureImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = generate_uid("2.25.")
+    ds.SeriesInstanceUID = generate_uid("2.25.")
+    ds.Modality = "OT"
+    ds.PatientName = "BENCH^SYNTHETIC"
+    ds.PatientID = "BENCH0002"
+    ds.StudyDate = "20240101"
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.NumberOfFrames = frames
+    ds.Rows = 512
+    ds.Columns = 512
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = frame.tobytes() * frames
+    partial = path.with_suffix(".partial")
+    ds.save_as(partial, enforce_file_format=True)
+    partial.rename(path)
+    return path
 
 
 def make_corpus(folder: Path, count: int) -> list[Path]:
@@ -591,6 +651,7 @@ class RoundResult:
     wall_s: float
     assoc_s: float
     instances_per_s: float
+    mb_per_s: float
     server_cpu_ms_per_instance: float
     server_user_ms_per_instance: float
     server_sys_ms_per_instance: float
@@ -602,10 +663,17 @@ class RoundResult:
     stop_s: float
     ok: bool
     problems: list[str]
+    cpus: int = 0  # CPUs the server and senders were confined to (0: not confined)
 
 
 def run_round(
-    name: str, rnd: int, files: list[Path], args: argparse.Namespace, scratch: Path
+    name: str,
+    rnd: int,
+    files: list[Path],
+    args: argparse.Namespace,
+    scratch: Path,
+    label: str | None = None,
+    cpus: int = 0,
 ) -> RoundResult:
     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-r{rnd}-", dir=scratch))
     target = target_class(name)(workdir, args)
@@ -650,13 +718,15 @@ def run_round(
         problems.append(f"server exit status {code}")
     n = len(files)
     rr = RoundResult(
-        target=name,
+        target=label or name,
         round=rnd,
         count=n,
         parallel=args.parallel,
+        cpus=cpus,
         wall_s=round(result.wall_s, 3),
         assoc_s=round(result.assoc_s, 3),
         instances_per_s=round(n / result.assoc_s, 1),
+        mb_per_s=round(sum(f.stat().st_size for f in files) / 2**20 / result.assoc_s, 1),
         server_cpu_ms_per_instance=round((sum(cpu1) - sum(cpu0)) * 1000 / n, 2),
         server_user_ms_per_instance=round((cpu1[0] - cpu0[0]) * 1000 / n, 2),
         server_sys_ms_per_instance=round((cpu1[1] - cpu0[1]) * 1000 / n, 2),
@@ -679,22 +749,28 @@ def run_round(
     return rr
 
 
+def baseline_of(label: str) -> str:
+    """The storescp label a target's rate is compared with (same CPU set with --scaling)."""
+    _, sep, config = label.partition("/")
+    return f"storescp{sep}{config}"
+
+
 def summarise(results: list[RoundResult], targets: list[str]) -> list[dict[str, Any]]:
-    rows = []
-    base = None
+    rows: list[dict[str, Any]] = []
     for name in targets:
         mine = [r for r in results if r.target == name and r.ok]
         if not mine:
             rows.append({"target": name, "rounds_ok": 0})
             continue
         rates = [r.instances_per_s for r in mine]
-        row = {
+        row: dict[str, Any] = {
             "target": name,
             "rounds_ok": len(mine),
             "rounds": len([r for r in results if r.target == name]),
             "median_instances_per_s": round(statistics.median(rates), 1),
             "min_instances_per_s": min(rates),
             "max_instances_per_s": max(rates),
+            "median_mb_per_s": round(statistics.median(r.mb_per_s for r in mine), 1),
             "median_server_cpu_ms_per_instance": round(
                 statistics.median(r.server_cpu_ms_per_instance for r in mine), 2
             ),
@@ -706,12 +782,13 @@ def summarise(results: list[RoundResult], targets: list[str]) -> list[dict[str, 
             ),
             "max_server_peak_rss_mb": max(r.server_peak_rss_mb for r in mine),
         }
-        if name == "storescp":
-            base = row["median_instances_per_s"]
         rows.append(row)
     # Ratio of medians, and the median of the per-round ratios (same round, side by side).
-    scp = {r.round: r.instances_per_s for r in results if r.target == "storescp" and r.ok}
+    medians = {row["target"]: row.get("median_instances_per_s") for row in rows}
     for row in rows:
+        base_label = baseline_of(row["target"])
+        base = medians.get(base_label)
+        scp = {r.round: r.instances_per_s for r in results if r.target == base_label and r.ok}
         if base and "median_instances_per_s" in row:
             row["ratio_to_storescp"] = round(row["median_instances_per_s"] / base, 2)
             per_round = [
@@ -725,15 +802,20 @@ def summarise(results: list[RoundResult], targets: list[str]) -> list[dict[str, 
 
 
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    print(f"\n{args.count} instances, {args.parallel} association(s), {args.rounds} round(s)")
+    shape = (
+        "target/Kcpu: K associations on K CPUs"
+        if args.scaling
+        else f"{args.parallel} association(s)"
+    )
+    print(f"\n{args.count} instances, {shape}, {args.rounds} round(s)")
     print(
-        "| target | inst/s median (min-max) | x storescp (per-round median) | "
+        "| target | inst/s median (min-max) | MB/s | x storescp (per-round median) | "
         "server CPU ms/inst (user+sys) | server peak RSS MB | rounds ok |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if not r.get("rounds_ok"):
-            print(f"| {r['target']} | failed | | | | 0 |")
+            print(f"| {r['target']} | failed | | | | | 0 |")
             continue
         ratio = r.get("ratio_to_storescp")
         ratio_s = (
@@ -743,12 +825,31 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         )
         print(
             f"| {r['target']} | {r['median_instances_per_s']:.0f} "
-            f"({r['min_instances_per_s']:.0f}-{r['max_instances_per_s']:.0f}) | {ratio_s} | "
+            f"({r['min_instances_per_s']:.0f}-{r['max_instances_per_s']:.0f}) | "
+            f"{r['median_mb_per_s']:.0f} | {ratio_s} | "
             f"{r['median_server_cpu_ms_per_instance']:.2f} "
             f"({r['median_server_user_ms_per_instance']:.1f}+"
             f"{r['median_server_sys_ms_per_instance']:.1f}) | "
             f"{r['max_server_peak_rss_mb']:.0f} | {r['rounds_ok']}/{r['rounds']} |"
         )
+
+
+def scaling_gains(results: list[RoundResult], names: list[str], n: int) -> str:
+    """Per target: the rate on n CPUs (n associations) over one CPU (one), round by round."""
+    lines = [f"\nScaling, {n} associations on {n} CPUs over 1 association on 1 CPU:"]
+    for name in names:
+        one = {r.round: r for r in results if r.target == f"{name}/1cpu" and r.ok}
+        many = {r.round: r for r in results if r.target == f"{name}/{n}cpu" and r.ok}
+        gains = [
+            many[k].instances_per_s / one[k].instances_per_s
+            for k in sorted(one.keys() & many.keys())
+        ]
+        if not gains:
+            lines.append(f"- {name}: no round where both passed")
+            continue
+        shown = ", ".join(f"{g:.2f}" for g in gains)
+        lines.append(f"- {name}: {statistics.median(gains):.2f}x (per round {shown})")
+    return "\n".join(lines)
 
 
 def git_state() -> str:
@@ -790,9 +891,9 @@ def export_rev(rev: str, into: Path) -> tuple[Path, str]:
     return folder, commit
 
 
-def compare_revisions(results: list[RoundResult], against: str) -> str:
+def compare_revisions(results: list[RoundResult], against: str, mine_label: str = "fiona") -> str:
     """FIONA's rate over the other revision's, round by round (the two ran side by side)."""
-    mine = {r.round: r for r in results if r.target == "fiona" and r.ok}
+    mine = {r.round: r for r in results if r.target == mine_label and r.ok}
     other = {r.round: r for r in results if r.target == against and r.ok}
     pairs = [(mine[k], other[k]) for k in sorted(mine.keys() & other.keys())]
     if not pairs:
@@ -859,6 +960,18 @@ def main(argv: list[str] | None = None) -> int:
         help="also run FIONA exported at this git revision (target fiona@COMMIT), side by "
         "side with the tree in every round, and report the rates round by round",
     )
+    p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="run every target twice per round, on 1 CPU with 1 association and on all N "
+        "CPUs with N associations (and N FIONA workers), and report the gain",
+    )
+    p.add_argument(
+        "--object-mb",
+        type=int,
+        help="send one multi-frame instance of this many MB instead of the CT corpus "
+        "(peak memory against object size; --count is ignored)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the per-round server folders")
     p.add_argument(
         "--hold",
@@ -872,6 +985,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
         p.error(f"unknown targets {unknown}; choose from {ALL_TARGETS}")
+    if args.scaling and (args.parallel != 1 or args.fiona_workers != 1):
+        p.error("--scaling sets the associations and workers itself")
     if args.parallel < 1 or args.count < args.parallel:
         p.error("--parallel must be >= 1 and <= --count")
     for tool in (
@@ -882,7 +997,11 @@ def main(argv: list[str] | None = None) -> int:
         if not os.access(tool, os.X_OK):
             p.error(f"{tool} is missing (apt-get install dcmtk orthanc)")
 
-    files = make_corpus(args.corpus, args.count)
+    if args.object_mb:
+        files = [make_large_object(OUT / "large", args.object_mb)]
+        args.count = 1
+    else:
+        files = make_corpus(args.corpus, args.count)
     prepare_scratch(args.scratch)
     against = None
     if args.fiona_rev:
@@ -906,19 +1025,42 @@ def main(argv: list[str] | None = None) -> int:
                 pass
     started = dt.datetime.now(dt.UTC)
     results: list[RoundResult] = []
+    # Each run of a target: its name, label, arguments and the CPUs it is confined to.
+    all_cpus = sorted(os.sched_getaffinity(0))
+    runs: list[tuple[str, str, argparse.Namespace, list[int]]] = []
+    for name in targets:
+        if not args.scaling:
+            runs.append((name, name, args, all_cpus))
+            continue
+        for cpus in (all_cpus[:1], all_cpus):
+            k = len(cpus)
+            variant = argparse.Namespace(**{**vars(args), "parallel": k, "fiona_workers": k})
+            runs.append((name, f"{name}/{k}cpu", variant, cpus))
+    labels = [label for _, label, _, _ in runs]
     for rnd in range(1, args.rounds + 1):
         # Rotate the order so that no target always runs first (or after the same one).
-        k = (rnd - 1) % len(targets)
-        order = targets[k:] + targets[:k]
-        for name in order:
+        k = (rnd - 1) % len(runs)
+        order = runs[k:] + runs[:k]
+        for name, label, run_args, cpus in order:
+            # The server, its workers and the senders inherit the benchmark's affinity.
+            os.sched_setaffinity(0, cpus)
             try:
-                rr = run_round(name, rnd, files, args, args.scratch)
+                rr = run_round(
+                    name,
+                    rnd,
+                    files,
+                    run_args,
+                    args.scratch,
+                    label=label,
+                    cpus=len(cpus) if args.scaling else 0,
+                )
             except Exception as exc:  # noqa: BLE001 - report and go on with the next one
                 zero = dict.fromkeys(
                     (
                         "wall_s",
                         "assoc_s",
                         "instances_per_s",
+                        "mb_per_s",
                         "server_cpu_ms_per_instance",
                         "server_user_ms_per_instance",
                         "server_sys_ms_per_instance",
@@ -930,20 +1072,23 @@ def main(argv: list[str] | None = None) -> int:
                     0.0,
                 )
                 rr = RoundResult(
-                    target=name,
+                    target=label,
                     round=rnd,
                     count=len(files),
-                    parallel=args.parallel,
+                    parallel=run_args.parallel,
                     received=0,
                     stop_code=-1,
                     ok=False,
                     problems=[f"{type(exc).__name__}: {exc}"],
                     **zero,
                 )
+            finally:
+                os.sched_setaffinity(0, all_cpus)
             results.append(rr)
             status = "ok" if rr.ok else "FAILED: " + "; ".join(rr.problems[:3])
             print(
-                f"round {rnd} {name:9s} {rr.instances_per_s:7.1f} inst/s  "
+                f"round {rnd} {label:9s} {rr.instances_per_s:7.1f} inst/s "
+                f"{rr.mb_per_s:6.1f} MB/s  "
                 f"assoc {rr.assoc_s:6.2f} s wall {rr.wall_s:6.2f} s  "
                 f"cpu {rr.server_cpu_ms_per_instance:5.2f} ms/inst  "
                 f"rss {rr.server_peak_rss_mb:6.1f} MB  up {rr.startup_s:.1f} s "
@@ -953,9 +1098,14 @@ def main(argv: list[str] | None = None) -> int:
     clear_scratch(args.scratch)
     if args.fiona_rev:
         shutil.rmtree(args.scratch / ".src", ignore_errors=True)
-    rows = summarise(results, targets)
+    rows = summarise(results, labels)
     print_table(rows, args)
-    if against is not None:
+    if args.scaling:
+        print(scaling_gains(results, targets, len(all_cpus)))
+    if against is not None and args.scaling:
+        for k in sorted({1, len(all_cpus)}):
+            print(compare_revisions(results, f"{against}/{k}cpu", f"fiona/{k}cpu"))
+    elif against is not None:
         print(compare_revisions(results, against))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
