@@ -302,6 +302,43 @@ def test_a_file_that_cannot_be_written_is_answered_out_of_resources(  # type: ig
     assert AuditEventType.STORE_REFUSED in types
 
 
+def test_a_file_that_cannot_be_synced_is_answered_out_of_resources(  # type: ignore[no-untyped-def]
+    start_scp, services: NodeServices, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The express path's answer waits for the received file's own fsync: a disk that
+    cannot make the bytes durable gets no success, and the sender's retry is stored."""
+    failing = {"on": True}
+    fsync = os.fsync
+    synced: list[str] = []
+
+    def fsync_or_fail(fd: int) -> None:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if Path(target).parent == services.spool.tmp:  # a received file
+            if failing["on"]:
+                raise OSError(errno.EIO, "Input/output error")
+            synced.append(Path(target).name)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_or_fail)
+    files, scp, assoc = _associated(start_scp, services, tmp_path)
+    try:
+        refused = assoc.send_c_store(files[1])
+        assert refused.Status == 0xA700
+        assert "Input/output error" in refused.ErrorComment
+        assert not scp.stored()
+        failing["on"] = False
+        assert assoc.send_c_store(files[1]).Status == 0x0000
+    finally:
+        assoc.release()
+    assert scp.served == 2 and len(scp.stored()) == 1 and len(synced) == 1
+    with services.session_factory() as session:
+        (row,) = session.scalars(select(Instance))
+        assert not row.file_missing
+        types = list(session.scalars(select(AuditEvent.event_type)))
+    assert AuditEventType.STORE_REFUSED in types
+    poll(lambda: not scp.temporary_bytes(), 10, "the refused file removed")
+
+
 def test_a_command_and_its_data_set_in_one_pdu(  # type: ignore[no-untyped-def]
     start_scp, services: NodeServices, tmp_path: Path
 ) -> None:
