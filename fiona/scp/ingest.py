@@ -14,7 +14,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
@@ -27,7 +26,7 @@ from fiona.logs import get_logger
 from fiona.metrics import INSTANCES_RECEIVED
 from fiona.scp.header import HeaderError, InstanceHeader, checked_header
 from fiona.scp.index import IndexWriter, InstanceRecord, StoreOutcome
-from fiona.scp.spool import Spool, file_digest, fsync_file, release_pages, start_writeback
+from fiona.scp.spool import Spool, file_digest, fsync_file, release_pages
 
 __all__ = ["IngestResult", "Ingestor", "ReceiveFacts", "Status"]
 
@@ -70,40 +69,7 @@ class IngestResult:
         return self.status == Status.SUCCESS
 
 
-class _Sync(Protocol):
-    """A received file's fsync under way: `result` returns once it is done, or raises."""
-
-    def result(self) -> None: ...
-
-
-class _SyncWhenWaited:
-    """The fsync of a file whose descriptor is open: the kernel starts writing it back at
-    once, and the fsync runs (once) in the thread that waits for it.
-
-    The express path's store hands the row to the index writer before it waits, so this
-    fsync still overlaps the index commit, without a thread hand-off of its own. Against an
-    fsync in a pool thread (``Ingestor._syncer``): CPU per instance 3 to 6% lower with two
-    workers, one association unchanged (BENCHMARKS.md).
-    """
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._done = False
-        self._error: OSError | None = None
-        start_writeback(fd)
-
-    def result(self) -> None:
-        if not self._done:
-            self._done = True
-            try:
-                os.fsync(self._fd)
-            except OSError as exc:
-                self._error = exc
-        if self._error is not None:
-            raise self._error
-
-
-def _wait_quietly(future: _Sync) -> None:
+def _wait_quietly(future: Future[None]) -> None:
     """Wait for an fsync of a file not kept as it stands (the quarantine syncs again)."""
     with contextlib.suppress(OSError):
         future.result()
@@ -128,9 +94,8 @@ class Ingestor:
         self.release_pages = release_pages
         """Drop stored files from the page cache (fiona.scp.spool): for a node that does not
         forward them soon (no destinations); a forwarder reads them back within seconds."""
-        # fsyncs of received files given by path (pynetdicom's path, fiona import) run here
-        # while the header is parsed and the file hashed (both need only the page cache): one
-        # thread per concurrent association is plenty.
+        # fsyncs of received files run here while the header is parsed and the file hashed
+        # (both need only the page cache): one thread per concurrent association is plenty.
         self._syncer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fiona-fsync")
 
     def close(self) -> None:
@@ -192,8 +157,10 @@ class Ingestor:
         # The file's data goes to disk while this thread parses and hashes it (hashing in
         # another thread too was measured slower: the parse then waits for the GIL);
         # whatever happens next, this function returns only after that fsync finished.
-        synced: _Sync = (
-            self._syncer.submit(fsync_file, tmp_path) if fd is None else _SyncWhenWaited(fd)
+        synced = (
+            self._syncer.submit(fsync_file, tmp_path)
+            if fd is None
+            else self._syncer.submit(os.fsync, fd)
         )
         try:
             try:
@@ -222,7 +189,7 @@ class Ingestor:
         header: InstanceHeader,
         digest: str,
         size: int,
-        synced: _Sync,
+        synced: Future[None],
         meanwhile: Callable[[], None] | None,
         release: int | None = None,
     ) -> IngestResult:

@@ -36,7 +36,6 @@ with destinations keeps them: its forwarder reads each file back within seconds.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import json
@@ -49,7 +48,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from fiona.errors import OutOfSpaceError, StorageError
 
@@ -60,7 +59,6 @@ __all__ = [
     "fsync_file",
     "is_valid_uid",
     "release_pages",
-    "start_writeback",
     "write_json_atomic",
 ]
 
@@ -98,34 +96,6 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class _SyncFileRange(Protocol):
-    def __call__(self, fd: int, offset: int, nbytes: int, flags: int) -> int: ...
-
-
-def _find_sync_file_range() -> _SyncFileRange | None:
-    """libc's ``sync_file_range`` (Linux), or None where there is none."""
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    function.restype = ctypes.c_int
-    sync_file_range: _SyncFileRange = function
-    return sync_file_range
-
-
-_SYNC_FILE_RANGE = _find_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2  # start writing dirty pages back; do not wait for them
-
-
-def start_writeback(fd: int) -> None:
-    """Let the kernel start writing a file's dirty pages to disk now, without waiting for
-    them (Linux ``sync_file_range``; nothing elsewhere). Advice only: an fsync still makes
-    the file durable, with less left to wait for."""
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def release_pages(fd: int) -> None:
