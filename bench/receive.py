@@ -148,7 +148,8 @@ def clear_scratch(scratch: Path) -> None:
 
 
 def make_large_object(folder: Path, megabytes: int) -> Path:
-    """Create (or reuse) one multi-frame CT instance of about `megabytes` MB of pixel data."""
+    """Create (or reuse) one multi-frame secondary-capture instance (RGB frames of 512x512)
+    with about `megabytes` MB of pixel data."""
     import numpy as np
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import (
@@ -985,6 +986,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
         p.error(f"unknown targets {unknown}; choose from {ALL_TARGETS}")
+    if args.object_mb and (args.scaling or args.parallel != 1):
+        p.error("--object-mb sends one instance over one association")
     if args.scaling and (args.parallel != 1 or args.fiona_workers != 1):
         p.error("--scaling sets the associations and workers itself")
     if args.parallel < 1 or args.count < args.parallel:
