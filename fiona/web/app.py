@@ -126,6 +126,20 @@ def _denied(request: Request, status: int, message: str) -> Response:
 
 
 Handler = Callable[[Request, WebContext, WebUser], Awaitable[Response]]
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _closing(endpoint: Endpoint) -> Endpoint:
+    """Close what the request parsed when it ends: uploaded files (temporary files, on disk
+    past 1 MB) are closed then, not whenever the garbage collector finds them."""
+
+    async def closing(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        finally:
+            await request.close()
+
+    return closing
 
 
 def page(
@@ -133,6 +147,7 @@ def page(
 ) -> Callable[[Request], Awaitable[Response]]:
     """Wrap *handler*: a logged-in user (401), the role (403), CSRF on changes (403)."""
 
+    @_closing
     async def endpoint(request: Request) -> Response:
         user = _current_user(ctx, request)
         if user is None:
@@ -233,8 +248,8 @@ def _login_routes(ctx: WebContext) -> list[Route]:
 
     return [
         Route("/login", login_form, methods=["GET"]),
-        Route("/login", login, methods=["POST"]),
-        Route("/logout", logout, methods=["POST"]),
+        Route("/login", _closing(login), methods=["POST"]),
+        Route("/logout", _closing(logout), methods=["POST"]),
     ]
 
 

@@ -6,11 +6,13 @@ database (SQLite and PostgreSQL); the last test logs in to a running ``fiona ser
 
 from __future__ import annotations
 
+import gc
 import io
 import re
 import shutil
 import subprocess
 import sys
+import warnings
 import zipfile
 from collections.abc import Iterator
 from datetime import timedelta
@@ -542,6 +544,38 @@ def test_dicom_upload_enters_the_pipeline_with_a_request_per_study(
     assert (
         client.post("/upload/dicom", data={**form, "csrf": token}, files=files).status_code == 403
     )
+
+
+def test_uploaded_files_are_closed_when_the_request_ends(
+    client: TestClient, node: NodeServices, tmp_path: Path
+) -> None:
+    """An upload's temporary files (kept on disk past 1 MB) are closed with its request, not
+    whenever the garbage collector finds them: none is left open after a refused upload,
+    a failed CSRF check or an accepted one."""
+    study = write_study(tmp_path / "study", 1, 1)
+    files = [("files", ("a.dcm", study[0].read_bytes(), "application/dicom"))]
+    form = {"project": "BICAM", "pseudonym": "BICAM078"}
+    assert login(client, "pia") == 303
+    token = csrf_of(client, "/studies")
+    gc.collect()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        assert (
+            client.post("/upload/dicom", data={**form, "csrf": "x"}, files=files).status_code == 403
+        )
+        assert (
+            client.post(
+                "/upload/dicom", data={**form, "project": "HEART", "csrf": token}, files=files
+            ).status_code
+            == 403
+        )
+        assert (
+            client.post("/upload/dicom", data={**form, "csrf": token}, files=files).status_code
+            == 200
+        )
+        gc.collect()
+    unclosed = [w for w in caught if "SpooledTemporaryFile" in str(w.message)]
+    assert not unclosed, [str(w.message) for w in unclosed]
 
 
 def test_exports_are_for_admins_and_their_projects_users(client: TestClient) -> None:

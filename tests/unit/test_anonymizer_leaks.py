@@ -120,7 +120,8 @@ def _decoration(encodings: list[str]) -> str:
         return ""
     for char in DECORATIONS:
         with warnings.catch_warnings():
-            warnings.simplefilter("error")  # pydicom warns (and replaces) where it cannot encode
+            # pydicom warns (and replaces) where it cannot encode; only that is an error here
+            warnings.simplefilter("error", UserWarning)
             try:
                 encoded = encode_string(char, encodings)
             except (UserWarning, UnicodeError, LookupError, ValueError):
