@@ -160,13 +160,13 @@ class FionaServer:
 
     def start(self, timeout: float = 60.0) -> None:
         self.log_path = self.config_path.with_suffix(f".{int(time.time() * 1000)}.log")
-        log = open(self.log_path, "w")  # noqa: SIM115 - closed by the child's exit
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fiona", "serve", "--config", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        with open(self.log_path, "w") as log:  # the child writes through its own copy
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fiona", "serve", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
         # Wait for the "listening" log line rather than probing the port: a bare TCP
         # connection holds an association slot until the ACSE timeout.
         deadline = time.monotonic() + timeout
