@@ -284,7 +284,7 @@ def _remove(files: list[tuple[Path, int]], folders: list[Path]) -> int:
     return removed
 
 
-def _running(pid: int, folder: Path | None = None) -> bool:
+def _running(pid: int, folder: Path) -> bool:
     """Whether the process that made *folder*, ``tmp/<pid>``, still runs (its files are in use).
 
     After a reboot another process may have the id: a process that started after the folder
@@ -297,8 +297,6 @@ def _running(pid: int, folder: Path | None = None) -> bool:
         return False
     except PermissionError:
         pass  # someone else's process: it runs
-    if folder is None:
-        return True
     started = _start_time(pid)
     try:
         changed = folder.stat().st_mtime
